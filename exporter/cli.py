@@ -1,0 +1,35 @@
+"""The `edgekv` command: one module per subcommand, each with configure_parser() and main()."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from exporter.config import EdgekvError
+
+COMMANDS = {
+    "ppl": ("exporter.ppl", "perplexity of a text streamed through the cache"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgekv", description="Streaming (sink + ring) KV-cache LLM export.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(module)
+        modules[name].configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].main(args)
+    except EdgekvError as e:
+        print(f"edgekv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgekv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

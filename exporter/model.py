@@ -1,0 +1,177 @@
+"""The export-ready decoder (Llama, Mistral, Qwen2) with a fixed-shape sink + ring KV cache.
+
+One module for the three families, driven by `ModelConfig`. Static shapes, no data-dependent Python
+control flow, the cache as registered buffers: `torch.export` traces it unchanged for every target.
+Attribute names follow Hugging Face so checkpoints load with a plain key clean-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exporter.cache import chunk_writes, rope_indices, slot_positions, visible
+from exporter.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding in the Hugging Face half-split layout; cos/sin are [..., T, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """x [1, T, hidden]; caches [KV, C, D] (keys stored before rotation). Returns out, new caches."""
+        t = x.shape[1]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(t, h, d).transpose(0, 1)  # [H, T, D]
+        k = self.k_proj(x).view(t, kv, d).transpose(0, 1)  # [KV, T, D]
+        v = self.v_proj(x).view(t, kv, d).transpose(0, 1)
+
+        keys = torch.cat([k_cache, k], dim=1)  # [KV, C + T, D], unrotated
+        values = torch.cat([v_cache, v], dim=1)
+        keys = rotate(keys, ctx["k_cos"], ctx["k_sin"])
+        # Grouped-query attention without copying keys: query head h uses kv head h // group.
+        qs = rotate(q, ctx["qs_cos"], ctx["qs_sin"]).reshape(kv, -1, d)  # [KV, G*T, D]
+        qw = rotate(q, ctx["qw_cos"], ctx["qw_sin"]).reshape(kv, -1, d)
+        kt = keys.transpose(1, 2)
+        scores = torch.where(ctx["k_is_sink"], qs @ kt, qw @ kt) * (d**-0.5)
+        scores = scores.view(kv, h // kv, t, -1).masked_fill(ctx["hidden"], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(kv, -1, keys.shape[1])
+        out = (probs @ values).view(h, t, d).transpose(0, 1).reshape(1, t, h * d)
+
+        written, src = ctx["written"], ctx["src"]
+        new_k = torch.where(written, k.index_select(1, src), k_cache)
+        new_v = torch.where(written, v.index_select(1, src), v_cache)
+        return self.o_proj(out), new_k, new_v
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
+        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), k_cache, v_cache, ctx)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class StreamingLM(nn.Module):
+    """Decoder with an S + W slot cache per layer. `forward(tokens [1, T], input_pos [1])` -> logits."""
+
+    def __init__(self, cfg: ModelConfig, sink: int, window: int, max_chunk: int = 128,
+                 dtype: torch.dtype = torch.float32, last_logits_only: bool = False):
+        super().__init__()
+        self.cfg, self.sink, self.window, self.max_chunk = cfg, sink, window, max_chunk
+        self.last_logits_only = last_logits_only
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.to(dtype)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)create the cache and rotary tables, e.g. after `to_empty` from the meta device."""
+        cfg, s, w = self.cfg, self.sink, self.window
+        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        shape = (cfg.num_layers, cfg.num_kv_heads, s + w, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Rotary tables computed in float64 once: angles never pass through low precision.
+        rows = torch.arange(s + w + self.max_chunk, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
+        self.register_buffer("rope_cos", rows.cos().to(dtype).to(device), persistent=False)
+        self.register_buffer("rope_sin", rows.sin().to(dtype).to(device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.window
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def context(self, t: int, input_pos: Tensor) -> dict:
+        """Everything the layers share for one call: rotary rows, visibility, cache writes."""
+        s, w = self.sink, self.window
+        start = input_pos.to(torch.int64)
+        q_pos = start + torch.arange(t, dtype=torch.int64)
+        k_pos = torch.cat([slot_positions(start - 1, s, w), q_pos])
+        q_sink, q_win, k_row, k_is_sink = rope_indices(q_pos, k_pos, start, s, w, self.rope_cos.shape[0])
+        written, src = chunk_writes(start, t, s, w)
+        cos, sin = self.rope_cos, self.rope_sin
+        return {
+            "qs_cos": cos[q_sink], "qs_sin": sin[q_sink],
+            "qw_cos": cos[q_win], "qw_sin": sin[q_win],
+            "k_cos": cos[k_row], "k_sin": sin[k_row],
+            "k_is_sink": k_is_sink.view(1, 1, -1),
+            "hidden": ~visible(q_pos, k_pos, s, w).view(1, 1, t, -1),
+            "written": written.view(1, -1, 1),
+            "src": src,
+        }
+
+    def step(self, tokens: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pure form: caches in, caches out (the ONNX graph). Logits [1, T, V] or [1, V]."""
+        t = tokens.shape[1]
+        if t > self.max_chunk:
+            raise ValueError(f"chunk of {t} tokens exceeds max_chunk={self.max_chunk}")
+        ctx = self.context(t, input_pos)
+        x = self.embed_tokens(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, k_cache[i], v_cache[i], ctx)
+            new_k.append(k)
+            new_v.append(v)
+        if self.last_logits_only:
+            x = x[:, -1, :]
+        return self.lm_head(self.norm(x)), torch.stack(new_k), torch.stack(new_v)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, OpenVINO)."""
+        logits, k, v = self.step(tokens, input_pos, self.k_cache, self.v_cache)
+        self.k_cache.copy_(k)
+        self.v_cache.copy_(v)
+        return logits

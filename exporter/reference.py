@@ -1,0 +1,70 @@
+"""The reference: a deliberately plain eager implementation of the cache contract.
+
+Per layer it keeps Python lists of (position, key before rotation, value), evicts the oldest
+non-sink token once more than S + W are held, rotates every key by its index in the list (its
+position inside the cache), and attends. One token at a time, no masks, no ring arithmetic.
+It borrows only the weights of a `StreamingLM`; none of its cache or attention code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from exporter.model import StreamingLM
+
+
+def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
+    """x [..., N, D] rotated by integer positions pos [N] (angles in float64)."""
+    angles = pos.double()[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Reference:
+    def __init__(self, model: StreamingLM, sink: int | None = None, window: int | None = None):
+        self.m = model
+        self.sink = model.sink if sink is None else sink
+        self.window = model.window if window is None else window
+        self.inv_freq = model.cfg.inv_freq()
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.layers = [{"pos": [], "k": [], "v": []} for _ in self.m.layers]
+
+    @torch.no_grad()
+    def feed(self, token: int) -> Tensor:
+        """Feed one token; returns its logits [vocab] (float32)."""
+        m, cfg = self.m, self.m.cfg
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = m.embed_tokens(torch.tensor([token]))  # [1, hidden]
+        for layer, store in zip(m.layers, self.layers):
+            attn = layer.self_attn
+            y = layer.input_layernorm(x)
+            q = attn.q_proj(y).view(h, d)
+            store["pos"].append(self.pos)
+            store["k"].append(attn.k_proj(y).view(kv, d))
+            store["v"].append(attn.v_proj(y).view(kv, d))
+            self._evict(store)
+            n = len(store["pos"])
+            cache_pos = torch.arange(n)  # the rule: positions inside the cache, in age order
+            keys = _rotate(torch.stack(store["k"], dim=1), cache_pos, self.inv_freq)  # [KV, n, D]
+            values = torch.stack(store["v"], dim=1)
+            q = _rotate(q[:, None, :], cache_pos[-1:], self.inv_freq)[:, 0, :]  # [H, D]
+            group = h // kv
+            out = []
+            for head in range(h):
+                scores = keys[head // group] @ q[head] / d**0.5
+                out.append(torch.softmax(scores, dim=0) @ values[head // group])
+            x = x + attn.o_proj(torch.cat(out)[None, :])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        self.pos += 1
+        return m.lm_head(m.norm(x))[0]
+
+    def _evict(self, store: dict) -> None:
+        while len(store["pos"]) > self.sink + self.window:
+            oldest = next(i for i, p in enumerate(store["pos"]) if p >= self.sink)
+            for key in ("pos", "k", "v"):
+                del store[key][oldest]
