@@ -222,7 +222,8 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
                 continue
             raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a llama/mistral/qwen2 checkpoint?")
         if tuple(tensor.shape) != tuple(params[key].shape):
-            raise LoadError(f"{ckpt.source}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(params[key].shape)}")
+            want = tuple(params[key].shape)
+            raise LoadError(f"{ckpt.source}: {name} has shape {tuple(tensor.shape)}, the config implies {want}")
         with torch.no_grad():
             params[key].copy_(tensor)
         missing.discard(key)

@@ -153,7 +153,8 @@ class StreamingLM(nn.Module):
             "src": src,
         }
 
-    def step(self, tokens: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(self, tokens: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
         """Pure form: caches in, caches out (the ONNX graph). Logits [1, T, V] or [1, V]."""
         t = tokens.shape[1]
         if t > self.max_chunk:

@@ -40,7 +40,7 @@ class Reference:
         m, cfg = self.m, self.m.cfg
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = m.embed_tokens(torch.tensor([token]))  # [1, hidden]
-        for layer, store in zip(m.layers, self.layers):
+        for layer, store in zip(m.layers, self.layers, strict=True):
             attn = layer.self_attn
             y = layer.input_layernorm(x)
             q = attn.q_proj(y).view(h, d)

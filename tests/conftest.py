@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (seeded) and the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEXT = SHARED_DATA / "tinyshakespeare.txt"
+
+# Grouped-query heads and head_dim != hidden / heads wherever the config allows it.
+TINY = {
+    "llama": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64}),
+    "llama-linear": dict(head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "mistral": dict(head_dim=16, sliding_window=24),
+    "qwen2": dict(),  # Qwen2 derives head_dim from hidden / heads; it carries q/k/v biases
+}
+
+
+def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random checkpoint of `kind` (a TINY key) as a Hugging Face folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    family = kind.split("-")[0]
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    fields = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, **TINY[kind])
+    fields.update(overrides)
+    config = getattr(transformers, cls + "Config")(**fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls + "ForCausalLM")(config).eval()
+    with torch.no_grad():  # random biases, so a bias that is dropped shows up in the logits
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(fields["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from exporter.loaders import load_checkpoint
+
+    return load_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_text_ids(smollm2):
+    from exporter.loaders import load_tokenizer
+    from exporter.ppl import read_tokens
+
+    return read_tokens(load_tokenizer(smollm2.tokenizer_dir), TEXT, 2000)

@@ -1,0 +1,106 @@
+"""The export model against Hugging Face transformers (p < S + W) and the reference (many wraps)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.config import ConfigError, cache_sizes
+from exporter.loaders import build_model, load_checkpoint
+from exporter.reference import Reference
+from tests.conftest import TINY, make_tiny
+
+
+def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(tokens).logits[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def feed(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """All logits for a stream fed in chunks of `chunk` (the last one may be shorter)."""
+    model.reset()
+    out = []
+    with torch.no_grad():
+        for s in range(0, tokens.shape[1], chunk):
+            out.append(model(tokens[:, s:s + chunk], torch.tensor([s]))[0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_matches_transformers_before_the_ring_fills(kind, tmp_path):
+    # Mistral's own sliding window would mask tokens here; widen it (the next test covers it).
+    folder = make_tiny(kind, tmp_path, **({"sliding_window": 128} if kind == "mistral" else {}))
+    ckpt = load_checkpoint(folder)
+    model = build_model(ckpt, sink=4, window=60, max_chunk=64)
+    tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    want = hf_logits(folder, tokens)
+    assert rel_err(feed(model, tokens, 64), want) < 1e-4
+    assert rel_err(feed(model, tokens, 1), want) < 1e-4
+
+
+def test_window_mode_equals_mistral_sliding_window_at_every_position(tmp_path):
+    """S = 0, W = sliding_window is Mistral's own attention: relative rotary distances agree."""
+    folder = make_tiny("mistral", tmp_path)
+    model = build_model(load_checkpoint(folder), sink=0, window=24, max_chunk=16)
+    tokens = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+    assert rel_err(feed(model, tokens, 16), hf_logits(folder, tokens)) < 1e-4
+
+
+def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(smollm2.source)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokens = torch.tensor([smollm2_text_ids[:96]])
+    with torch.no_grad():
+        want = hf(tokens).logits[0]
+    model = build_model(smollm2, sink=4, window=92, max_chunk=32)
+    assert rel_err(feed(model, tokens, 32), want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("sink,window", [(4, 7), (0, 5), (1, 6)])
+def test_matches_reference_over_several_wraps(kind, sink, window, tmp_path):
+    ckpt = load_checkpoint(make_tiny(kind, tmp_path))
+    model = build_model(ckpt, sink, window, max_chunk=16)
+    n = sink + 3 * window + 5  # three full wraps of the ring and a bit
+    tokens = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(2))
+    ref = Reference(model)
+    want = torch.stack([ref.feed(int(t)) for t in tokens[0]])
+    # one at a time; chunks that straddle wraps; a chunk longer than W; the largest chunk
+    for chunk in (1, 3, window + 2, 16):
+        assert rel_err(feed(model, tokens, chunk), want) < 1e-5, chunk
+
+
+def test_smollm2_matches_reference_past_the_ring(smollm2, smollm2_text_ids):
+    model = build_model(smollm2, sink=4, window=28, max_chunk=40)
+    tokens = torch.tensor([smollm2_text_ids[:110]])  # three wraps of a 28-slot ring
+    ref = Reference(model)
+    want = torch.stack([ref.feed(int(t)) for t in tokens[0]])
+    assert rel_err(feed(model, tokens, 40), want) < 1e-4
+    assert (feed(model, tokens, 1).argmax(-1) == want.argmax(-1)).all()
+
+
+def test_window_defaults_and_limits(tmp_path):
+    cfg = load_checkpoint(make_tiny("mistral", tmp_path)).config
+    assert cfg.sliding_window == 24
+    assert cache_sizes(cfg, None, None) == (4, 24)  # the model's own smaller window
+    with pytest.raises(ConfigError, match="exceeds the model's trained context"):
+        cache_sizes(cfg, 4, 300)
+    with pytest.warns(UserWarning, match="trained context"):
+        assert cache_sizes(cfg, 4, 300, allow_long=True) == (4, 300)
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    folder = make_tiny("llama", tmp_path)
+    cfg = (folder / "config.json").read_text().replace('"llama"', '"gpt2"')
+    (folder / "config.json").write_text(cfg)
+    with pytest.raises(ConfigError, match="supports llama, mistral, qwen2"):
+        load_checkpoint(folder)
