@@ -23,14 +23,15 @@ def slot_positions(last: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     `last` is a 1-element int64 tensor; it may be -1 (nothing written yet).
     """
     slots = torch.arange(sink + window, dtype=torch.int64)
-    in_sink = torch.where(slots <= last, slots, -1)
+    empty = torch.full_like(slots, -1)  # a tensor, not a scalar: Core ML has no where.ScalarOther
+    in_sink = torch.where(slots <= last, slots, empty)
     k = slots - sink  # index inside the ring (negative for sink slots; masked below)
     m_end = last - sink  # ring index of the newest window token
     # Largest m <= m_end with m = k (mod W); the offset keeps the remainder's operand non-negative
     # so floor and truncated modulo agree on every backend.
     offset = (sink // window + 2) * window
     m = m_end - torch.remainder(m_end - k + offset, window)
-    in_ring = torch.where(m >= 0, sink + m, -1)
+    in_ring = torch.where(m >= 0, sink + m, empty)
     return torch.where(slots < sink, in_sink, in_ring)
 
 
@@ -38,7 +39,9 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) ->
     """[Tq, Tk] bool: may the query at absolute position q_pos[i] see the key at k_pos[j]?"""
     q = q_pos[:, None]
     k = k_pos[None, :]
-    return (k >= 0) & (k <= q) & ((k < sink) | (k > q - window))
+    # logical_* rather than & and |: Core ML's converter has no aten.__and__.
+    in_range = torch.logical_and(k >= 0, k <= q)
+    return torch.logical_and(in_range, torch.logical_or(k < sink, k > q - window))
 
 
 def rope_indices(
@@ -54,7 +57,7 @@ def rope_indices(
     cap = sink + window
     q_sink = torch.clamp(q_pos, max=cap - 1)
     q_win = q_pos - start + window
-    k_is_sink = (k_pos >= 0) & (k_pos < sink)
+    k_is_sink = torch.logical_and(k_pos >= 0, k_pos < sink)
     k_row = torch.where(k_is_sink, k_pos, k_pos - start + window)
     return q_sink, q_win, torch.clamp(k_row, 0, table - 1), k_is_sink
 

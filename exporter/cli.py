@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from exporter.config import EdgekvError
 
 COMMANDS = {
+    "export": ("exporter.export", "export the model with its sink + ring cache to a target format"),
+    "validate": ("exporter.validate", "compare an artifact with the reference and onnxruntime"),
     "ppl": ("exporter.ppl", "perplexity of a text streamed through the cache"),
 }
 
@@ -24,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return modules[args.command].main(args)
     except EdgekvError as e:
+        if os.environ.get("EDGEKV_DEBUG"):
+            raise
         print(f"edgekv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -118,9 +118,10 @@ class StreamingLM(nn.Module):
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        shape = (cfg.num_layers, cfg.num_kv_heads, s + w, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # One buffer for keys and values of all layers: one state per artifact (and coremltools'
+        # state-ordering pass mishandles two updates in a row).
+        shape = (2, cfg.num_layers, cfg.num_kv_heads, s + w, cfg.head_dim)
+        self.register_buffer("kv_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # Rotary tables computed in float64 once: angles never pass through low precision.
         rows = torch.arange(s + w + self.max_chunk, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
         self.register_buffer("rope_cos", rows.cos().to(dtype).to(device), persistent=False)
@@ -131,8 +132,7 @@ class StreamingLM(nn.Module):
         return self.sink + self.window
 
     def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        self.kv_cache.zero_()
 
     def context(self, t: int, input_pos: Tensor) -> dict:
         """Everything the layers share for one call: rotary rows, visibility, cache writes."""
@@ -148,14 +148,13 @@ class StreamingLM(nn.Module):
             "qw_cos": cos[q_win], "qw_sin": sin[q_win],
             "k_cos": cos[k_row], "k_sin": sin[k_row],
             "k_is_sink": k_is_sink.view(1, 1, -1),
-            "hidden": ~visible(q_pos, k_pos, s, w).view(1, 1, t, -1),
+            "hidden": torch.logical_not(visible(q_pos, k_pos, s, w)).view(1, 1, t, -1),
             "written": written.view(1, -1, 1),
             "src": src,
         }
 
-    def step(self, tokens: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor
-             ) -> tuple[Tensor, Tensor, Tensor]:
-        """Pure form: caches in, caches out (the ONNX graph). Logits [1, T, V] or [1, V]."""
+    def step(self, tokens: Tensor, input_pos: Tensor, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """Pure form: cache in, cache out (the ONNX graph). Logits [1, T, V] or [1, V]."""
         t = tokens.shape[1]
         if t > self.max_chunk:
             raise ValueError(f"chunk of {t} tokens exceeds max_chunk={self.max_chunk}")
@@ -163,16 +162,15 @@ class StreamingLM(nn.Module):
         x = self.embed_tokens(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, k_cache[i], v_cache[i], ctx)
+            x, k, v = layer(x, kv_cache[0, i], kv_cache[1, i], ctx)
             new_k.append(k)
             new_v.append(v)
         if self.last_logits_only:
             x = x[:, -1, :]
-        return self.lm_head(self.norm(x)), torch.stack(new_k), torch.stack(new_v)
+        return self.lm_head(self.norm(x)), torch.stack([torch.stack(new_k), torch.stack(new_v)])
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, OpenVINO)."""
-        logits, k, v = self.step(tokens, input_pos, self.k_cache, self.v_cache)
-        self.k_cache.copy_(k)
-        self.v_cache.copy_(v)
+        logits, kv = self.step(tokens, input_pos, self.kv_cache)
+        self.kv_cache.copy_(kv)
         return logits

@@ -1,8 +1,9 @@
 """The reference: a deliberately plain eager implementation of the cache contract.
 
-Per layer it keeps Python lists of (position, key before rotation, value), evicts the oldest
-non-sink token once more than S + W are held, rotates every key by its index in the list (its
-position inside the cache), and attends. One token at a time, no masks, no ring arithmetic.
+Per layer it keeps the tokens it holds in age order (a list of absolute positions and the keys,
+before rotation, and values stacked in the same order), appends each new token, evicts the oldest
+non-sink token once more than S + W are held, rotates every key by its index (its position inside
+the cache), and attends. One token at a time, no masks, no ring arithmetic.
 It borrows only the weights of a `StreamingLM`; none of its cache or attention code.
 """
 
@@ -32,7 +33,9 @@ class Reference:
 
     def reset(self) -> None:
         self.pos = 0
-        self.layers = [{"pos": [], "k": [], "v": []} for _ in self.m.layers]
+        cfg = self.m.cfg
+        empty = torch.zeros(cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.m.embed_tokens.weight.dtype)
+        self.layers = [{"pos": [], "k": empty, "v": empty} for _ in self.m.layers]
 
     @torch.no_grad()
     def feed(self, token: int) -> Tensor:
@@ -45,20 +48,19 @@ class Reference:
             y = layer.input_layernorm(x)
             q = attn.q_proj(y).view(h, d)
             store["pos"].append(self.pos)
-            store["k"].append(attn.k_proj(y).view(kv, d))
-            store["v"].append(attn.v_proj(y).view(kv, d))
+            store["k"] = torch.cat([store["k"], attn.k_proj(y).view(kv, 1, d)], dim=1)
+            store["v"] = torch.cat([store["v"], attn.v_proj(y).view(kv, 1, d)], dim=1)
             self._evict(store)
             n = len(store["pos"])
             cache_pos = torch.arange(n)  # the rule: positions inside the cache, in age order
-            keys = _rotate(torch.stack(store["k"], dim=1), cache_pos, self.inv_freq)  # [KV, n, D]
-            values = torch.stack(store["v"], dim=1)
+            keys = _rotate(store["k"], cache_pos, self.inv_freq)  # [KV, n, D]
+            values = store["v"]
             q = _rotate(q[:, None, :], cache_pos[-1:], self.inv_freq)[:, 0, :]  # [H, D]
-            group = h // kv
-            out = []
-            for head in range(h):
-                scores = keys[head // group] @ q[head] / d**0.5
-                out.append(torch.softmax(scores, dim=0) @ values[head // group])
-            x = x + attn.o_proj(torch.cat(out)[None, :])
+            group = h // kv  # query head i reads kv head i // group
+            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+            scores = torch.einsum("hd,hnd->hn", q, keys) / d**0.5
+            out = torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).reshape(1, h * d)
+            x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.pos += 1
         return m.lm_head(m.norm(x))[0]
@@ -66,5 +68,6 @@ class Reference:
     def _evict(self, store: dict) -> None:
         while len(store["pos"]) > self.sink + self.window:
             oldest = next(i for i, p in enumerate(store["pos"]) if p >= self.sink)
-            for key in ("pos", "k", "v"):
-                del store[key][oldest]
+            del store["pos"][oldest]
+            for key in ("k", "v"):
+                store[key] = torch.cat([store[key][:, :oldest], store[key][:, oldest + 1:]], dim=1)

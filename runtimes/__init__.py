@@ -1,0 +1,73 @@
+"""One small runner per format with the same shape: load a folder, reset, feed tokens at a position,
+get the last token's logits. `open_artifact` picks the runner from the folder's manifest."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from exporter.config import EdgekvError
+from exporter.manifest import read_manifest
+
+RUNNERS = {
+    "executorch": "runtimes.executorch_runner",
+    "onnx": "runtimes.onnx_runner",
+    "openvino": "runtimes.openvino_runner",
+    "coreml": "runtimes.coreml_runner",
+}
+
+
+class Runner:
+    """Shared part of every runner. Subclasses implement `_run(tokens [1, T] int array, pos) -> logits [V]`.
+
+    Reset only moves the stream back to position 0: the contract masks every slot not written in the
+    current stream, so stale cache contents are never read and need no clearing.
+    """
+
+    def __init__(self, folder: Path, manifest: dict):
+        from exporter.loaders import load_tokenizer
+
+        self.folder, self.manifest = Path(folder), manifest
+        self.chunk, self.vocab_size = manifest["chunk"], manifest["vocab_size"]
+        self.token_dtype = np.int32 if manifest["inputs"][0]["dtype"] == "int32" else np.int64
+        self.tokenizer = load_tokenizer(self.folder)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Feed tokens at the current position (full chunks through prefill, the rest through decode)."""
+        if not tokens:
+            raise ValueError("feed() needs at least one token")
+        i = 0
+        while i < len(tokens):
+            n = self.chunk if len(tokens) - i >= self.chunk and self.chunk > 1 else 1
+            logits = self._run(np.asarray([tokens[i:i + n]], dtype=self.token_dtype), self.pos)
+            self.pos += n
+            i += n
+        return logits
+
+    def feed_all_logits(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits of every token, one decode call each (the artifact returns only the last token's)."""
+        if pos != self.pos:
+            raise ValueError(f"stream is at position {self.pos}, not {pos}")
+        return np.stack([self.feed([t]) for t in tokens])
+
+    def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def open_artifact(folder: Path) -> Runner:
+    manifest = read_manifest(folder)
+    module = importlib.import_module(RUNNERS[manifest["target"]])
+    try:
+        return module.load(Path(folder), manifest)
+    except EdgekvError:
+        raise
+    except Exception as e:
+        raise EdgekvError(f"{folder}: cannot load the {manifest['target']} model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-export with `edgekv export --force`"
+                          ) from e

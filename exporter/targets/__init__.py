@@ -1,0 +1,52 @@
+"""One file per target, each with `export(model, out_dir, spec) -> dict` (the manifest's model entries).
+
+Backends are imported inside the function that needs them, so a missing one names its package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from exporter.config import EdgekvError
+from exporter.model import StreamingLM
+
+TARGETS = {
+    "executorch": "exporter.targets.executorch",
+    "coreml": "exporter.targets.coreml",
+    "onnx": "exporter.targets.onnx",
+    "openvino": "exporter.targets.openvino",
+}
+RUNNABLE_HERE = ("executorch", "onnx", "openvino")  # Core ML prediction needs macOS
+
+
+@dataclass
+class ExportSpec:
+    chunk: int  # tokens per prefill call
+    log: callable = print  # progress lines ("trace", "lower", ...) go here
+
+
+def target_module(name: str):
+    if name not in TARGETS:
+        raise EdgekvError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or all")
+    return importlib.import_module(TARGETS[name])
+
+
+def require(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise EdgekvError(f"{module} is not installed ({e}); pip install '{package}'") from None
+
+
+def trace(model: StreamingLM, tokens: int, token_dtype: torch.dtype = torch.int64) -> torch.export.ExportedProgram:
+    """torch.export of the stateful model for a fixed number of tokens per call (1 = decode)."""
+    args = (torch.zeros(1, tokens, dtype=token_dtype), torch.zeros(1, dtype=token_dtype))
+    with torch.no_grad():  # buffer mutation fails on a graph that records gradients
+        return torch.export.export(model, args, strict=False)
+
+
+def io_entry(name: str, dtype: str, shape: list) -> dict:
+    return {"name": name, "dtype": dtype, "shape": shape}

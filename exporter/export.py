@@ -1,0 +1,116 @@
+"""`edgekv export`: trace the one export model for each target into a self-describing folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from exporter.config import EdgekvError, cache_sizes
+from exporter.manifest import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES, edgekv_version, file_digest, special_tokens
+from exporter.targets import TARGETS, ExportSpec, target_module
+
+DEFAULT_CHUNK = 64
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, choices=[*TARGETS, "all"], help="format to export to")
+    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--sink", type=int, help="sink slots S (default 4)")
+    p.add_argument("--window", type=int, help="window slots W (default 1020 or the model's sliding_window)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                   help=f"tokens per prefill call (default {DEFAULT_CHUNK})")
+    p.add_argument("--out", type=Path, default=Path("out"), help="artifacts go to OUT/<target>/ (default ./out)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
+
+
+class Progress:
+    """Stage lines with elapsed seconds on stderr: long conversions should never look hung."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.start = prefix, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.prefix} {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    targets = list(TARGETS) if args.target == "all" else [args.target]
+    if args.chunk < 1:
+        raise EdgekvError(f"--chunk must be >= 1, got {args.chunk}")
+    for t in targets:  # refuse before any work starts
+        if (args.out / t).exists() and not args.force:
+            raise EdgekvError(f"{args.out / t} exists; pass --force to replace it or choose another --out")
+
+    from exporter.loaders import build_model, load_checkpoint
+
+    log = Progress("export")
+    ckpt = load_checkpoint(args.model)
+    sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
+    log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), S={sink} W={window}")
+    model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True)
+    base = manifest_base(ckpt, sink, window, args.chunk)
+    log("model loaded")
+    for t in targets:
+        path = export_one(model, ckpt, t, args.out / t, base, args.chunk)
+        print(path)
+    return 0
+
+
+def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
+    """The manifest fields every target shares."""
+    from exporter.loaders import load_tokenizer
+
+    cfg = ckpt.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "edgekv_version": edgekv_version(),
+        "source": {"model": ckpt.source, "kind": ckpt.kind, "weights_sha256": ckpt.weights_hash()},
+        "architecture": {
+            "model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_position_embeddings,
+        },
+        "sink": sink, "window": window, "chunk": chunk,
+        "vocab_size": cfg.vocab_size,
+        "special_tokens": special_tokens(ckpt.tokenizer_dir, load_tokenizer(ckpt.tokenizer_dir)),
+        "cache_layout": "[2 (keys, values), layer, kv_head, slot, head_dim]; keys stored before rotation",
+    }
+
+
+def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int) -> Path:
+    """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact."""
+    module = target_module(target)
+    log = Progress(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        try:
+            entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log))
+        except EdgekvError:
+            raise
+        except Exception as e:
+            raise EdgekvError(f"{target} export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        files = dict(entries.pop("files"))
+        for name in TOKENIZER_FILES:
+            if (ckpt.tokenizer_dir / name).is_file():
+                shutil.copy(ckpt.tokenizer_dir / name, tmp / name)
+                files[name.removesuffix(".json").removesuffix(".jinja")] = name
+        manifest = {**base, "target": target, **entries, "files": files,
+                    "digests": {name: file_digest(tmp / name) for name in files.values()}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return out

@@ -1,0 +1,63 @@
+"""Core ML: a stateful ML program for iOS 18 / macOS 15, fp16 compute with the cache as fp16 state,
+and `decode` + `prefill` functions in one multifunction package that shares the weights."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from exporter.model import StreamingLM
+from exporter.targets import ExportSpec, io_entry, require, trace
+
+FP16_MAX = 65504.0
+
+
+def _fp16_warnings(model: StreamingLM) -> None:
+    """fp16 cannot hold weights past 65504, and ~3 significant digits cost logits accuracy."""
+    worst = max((p.detach().abs().max().item(), n) for n, p in model.named_parameters())
+    if worst[0] > FP16_MAX:
+        warnings.warn(f"{worst[1]} holds {worst[0]:.3g}, beyond fp16's range: Core ML outputs will overflow",
+                      stacklevel=2)
+
+
+def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
+    ct = require("coremltools", "coremltools==9.0")
+    import numpy as np
+
+    _fp16_warnings(model)
+    shape = tuple(model.kv_cache.shape)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name, tokens in (("decode", 1), ("prefill", spec.chunk)):
+            # Core ML wants int32 inputs; decompositions first (DESIGN.md probe).
+            program = trace(model, tokens, torch.int32).run_decompositions({})
+            mlmodel = ct.convert(
+                program,
+                inputs=[ct.TensorType(name="tokens", shape=(1, tokens), dtype=np.int32),
+                        ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+                outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+                states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name="kv_cache")],
+                minimum_deployment_target=ct.target.iOS18,
+                compute_precision=ct.precision.FLOAT16,
+                convert_to="mlprogram",
+            )
+            path = Path(tmp) / f"{name}.mlpackage"
+            mlmodel.save(str(path))
+            del mlmodel, program
+            desc.add_function(str(path), src_function_name="main", target_function_name=name)
+            spec.log(f"converted {name} function")
+        desc.default_function_name = "decode"
+        ct.utils.save_multifunction(desc, str(out_dir / "model.mlpackage"))
+    spec.log("saved multifunction package")
+    return {
+        "files": {"model": "model.mlpackage"},
+        "entries": {"decode": "decode", "prefill": "prefill"},
+        "inputs": [io_entry("tokens", "int32", [1, "T"]), io_entry("input_pos", "int32", [1])],
+        "outputs": [io_entry("logits", "float32", [1, model.cfg.vocab_size])],
+        "state": [io_entry("kv_cache", "float16", list(shape))],
+        "compute_precision": "float16",
+        "minimum_deployment_target": "iOS18",
+    }
