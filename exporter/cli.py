@@ -16,9 +16,15 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, naming the fix, instead of argparse's usage dump."""
+        self.exit(2, f"edgekv: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgekv", description="Streaming (sink + ring) KV-cache LLM export.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="edgekv", description="Streaming (sink + ring) KV-cache LLM export.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     modules = {}
     for name, (module, help_text) in COMMANDS.items():
         modules[name] = importlib.import_module(module)

@@ -22,10 +22,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # The mean runs on a [1, N, dim, 1] view over its last two dims: the only mean XNNPACK
+        # delegates, so each layer stays one delegate partition (a split partition costs export time).
+        d = x.shape[-1]
+        ms = (x * x).view(1, -1, d, 1).mean(dim=(-2, -1), keepdim=True).view(*x.shape[:-1], 1)
+        return self.weight * (x * torch.rsqrt(ms + self.eps))
 
 
 class MLP(nn.Module):
@@ -41,7 +42,8 @@ class MLP(nn.Module):
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding in the Hugging Face half-split layout; cos/sin are [..., T, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -70,15 +72,25 @@ class Attention(nn.Module):
         qs = rotate(q, ctx["qs_cos"], ctx["qs_sin"]).reshape(kv, -1, d)  # [KV, G*T, D]
         qw = rotate(q, ctx["qw_cos"], ctx["qw_sin"]).reshape(kv, -1, d)
         kt = keys.transpose(1, 2)
-        scores = torch.where(ctx["k_is_sink"], qs @ kt, qw @ kt) * (d**-0.5)
-        scores = scores.view(kv, h // kv, t, -1).masked_fill(ctx["hidden"], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(kv, -1, keys.shape[1])
-        out = (probs @ values).view(h, t, d).transpose(0, 1).reshape(1, t, h * d)
+        # Masks as arithmetic (0/1 factors, 0/-inf bias) rather than where/masked_fill: exact, and
+        # every op in a layer is one XNNPACK delegates, which keeps ExecuTorch export fast.
+        # bmm/mm rather than @: matmul's decomposition adds expand ops XNNPACK does not take.
+        scores = torch.bmm(qs, kt) * ctx["k_sink"] + torch.bmm(qw, kt) * ctx["k_window"]
+        scores = scores.view(kv, h // kv, t, -1) * (d**-0.5) + ctx["bias"]
+        probs = torch.softmax(scores, dim=-1).view(kv, -1, keys.shape[1])
+        out = torch.bmm(probs, values).view(h, t, d).transpose(0, 1).reshape(1, t, h * d)
 
-        written, src = ctx["written"], ctx["src"]
-        new_k = torch.where(written, k.index_select(1, src), k_cache)
-        new_v = torch.where(written, v.index_select(1, src), v_cache)
+        # Cache write: slot j keeps its value or takes the chunk token `pick` selects (one-hot rows,
+        # so the matmul copies exactly); the newest token wins when a chunk is longer than the ring.
+        new_k = k_cache * ctx["keep"] + self._scatter(ctx["pick"], k)
+        new_v = v_cache * ctx["keep"] + self._scatter(ctx["pick"], v)
         return self.o_proj(out), new_k, new_v
+
+    def _scatter(self, pick: Tensor, x: Tensor) -> Tensor:
+        """[C, T] one-hot rows times x [KV, T, D] -> [KV, C, D], as one 2-D matmul."""
+        kv, t, d = x.shape
+        rows = torch.mm(pick, x.transpose(0, 1).reshape(t, kv * d))
+        return rows.view(-1, kv, d).transpose(0, 1)
 
 
 class Block(nn.Module):
@@ -143,14 +155,18 @@ class StreamingLM(nn.Module):
         q_sink, q_win, k_row, k_is_sink = rope_indices(q_pos, k_pos, start, s, w, self.rope_cos.shape[0])
         written, src = chunk_writes(start, t, s, w)
         cos, sin = self.rope_cos, self.rope_sin
+        dtype = cos.dtype
+        zero, ninf = torch.zeros(1, dtype=dtype), torch.full((1,), float("-inf"), dtype=dtype)
+        pick = torch.logical_and(written[:, None], src[:, None] == torch.arange(t)[None, :])
         return {
             "qs_cos": cos[q_sink], "qs_sin": sin[q_sink],
             "qw_cos": cos[q_win], "qw_sin": sin[q_win],
             "k_cos": cos[k_row], "k_sin": sin[k_row],
-            "k_is_sink": k_is_sink.view(1, 1, -1),
-            "hidden": torch.logical_not(visible(q_pos, k_pos, s, w)).view(1, 1, t, -1),
-            "written": written.view(1, -1, 1),
-            "src": src,
+            "k_sink": k_is_sink.to(dtype).view(1, 1, -1),
+            "k_window": torch.logical_not(k_is_sink).to(dtype).view(1, 1, -1),
+            "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf).view(1, 1, t, -1),
+            "keep": torch.logical_not(written).to(dtype).view(1, -1, 1),
+            "pick": pick.to(dtype),
         }
 
     def step(self, tokens: Tensor, input_pos: Tensor, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,8 +182,11 @@ class StreamingLM(nn.Module):
             new_k.append(k)
             new_v.append(v)
         if self.last_logits_only:
-            x = x[:, -1, :]
-        return self.lm_head(self.norm(x)), torch.stack([torch.stack(new_k), torch.stack(new_v)])
+            x = x[:, -1:, :]
+        logits = self.lm_head(self.norm(x))
+        if self.last_logits_only:
+            logits = logits.view(1, -1)
+        return logits, torch.stack([torch.stack(new_k), torch.stack(new_v)])
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, OpenVINO)."""

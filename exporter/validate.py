@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from exporter.config import EdgekvError
@@ -69,8 +68,8 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 def main(args: argparse.Namespace) -> int:
     from exporter.loaders import build_model, load_checkpoint, load_tokenizer
     from exporter.ppl import read_tokens
-    from exporter.reference import Reference
     from runtimes import open_artifact
+    from runtimes.reference_runner import ReferenceRunner
 
     manifest = read_manifest(args.artifact)
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]
@@ -85,11 +84,7 @@ def main(args: argparse.Namespace) -> int:
     ends = np.array([s + k - 1 for s, k in calls])
     model = build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True)
 
-    ref = Reference(model)
-    with torch.no_grad():
-        ref_all = np.stack([ref.feed(t).numpy() for t in tqdm(ids, desc="reference", file=sys.stderr,
-                                                                disable=None, leave=False)])
-    logits = {"reference": ref_all[ends].astype(np.float64)}
+    logits = {"reference": run_stream(ReferenceRunner(model, None), ids, calls, "reference")}
     not_run = []
     if target in RUNNABLE_HERE:
         logits[target] = run_stream(open_artifact(args.artifact), ids, calls, target)

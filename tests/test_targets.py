@@ -1,0 +1,83 @@
+"""Every target exports; ExecuTorch, ONNX and OpenVINO match the reference over three wraps of the
+ring through both entries; the Core ML package has the contract's interface."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.export import export_one, manifest_base
+from exporter.loaders import build_model, load_checkpoint, load_tokenizer
+from exporter.manifest import read_manifest
+from exporter.targets import TARGETS
+from exporter.validate import run_stream, schedule
+from runtimes import open_artifact
+from runtimes.reference_runner import ReferenceRunner
+from tests.conftest import make_tiny
+
+SINK, WINDOW, CHUNK = 3, 11, 5
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def exported(request, tmp_path_factory):
+    """The tiny model of one family exported to all four targets, plus its reference logits."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    ckpt = load_checkpoint(make_tiny(request.param, tmp / "hf", seed=7))
+    model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True)
+    base = manifest_base(ckpt, SINK, WINDOW, CHUNK)
+    folders = {t: export_one(model, ckpt, t, tmp / t, base, CHUNK) for t in TARGETS}
+    n = SINK + 3 * WINDOW + 2 * CHUNK  # three wraps and more
+    ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+    calls = schedule(n, SINK + WINDOW, CHUNK)
+    ref = run_stream(ReferenceRunner(model, load_tokenizer(ckpt.tokenizer_dir)), ids, calls, "reference")
+    return folders, ids, calls, ref
+
+
+def test_schedule_uses_both_entries_across_wraps():
+    calls = schedule(SINK + 3 * WINDOW + 2 * CHUNK, SINK + WINDOW, CHUNK)
+    prefill = [c for c in calls if c[1] == CHUNK]
+    assert prefill[-1][0] + CHUNK > SINK + WINDOW  # a chunk straddles the first wrap
+    assert sum(n for _, n in calls) == SINK + 3 * WINDOW + 2 * CHUNK
+    assert calls[-1][0] - (SINK + WINDOW) >= 2 * WINDOW  # decode covers two more wraps
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx", "openvino"])
+def test_runnable_targets_match_reference(exported, target):
+    folders, ids, calls, ref = exported
+    got = run_stream(open_artifact(folders[target]), ids, calls, target)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 1e-4 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_coreml_package_interface(exported):
+    import coremltools as ct
+
+    folders = exported[0]
+    manifest = read_manifest(folders["coreml"])
+    spec = ct.utils.load_spec(str(folders["coreml"] / "model.mlpackage"))
+    assert spec.specificationVersion >= 9  # iOS 18 / macOS 15: stateful models
+    functions = {f.name: f for f in spec.description.functions}
+    assert set(functions) == {"decode", "prefill"} and spec.description.defaultFunctionName == "decode"
+    fp16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    for name, tokens in (("decode", 1), ("prefill", CHUNK)):
+        f = functions[name]
+        assert [i.name for i in f.input] == ["tokens", "input_pos"]
+        assert list(f.input[0].type.multiArrayType.shape) == [1, tokens]
+        assert [o.name for o in f.output] == ["logits"]
+        assert [(s.name, s.type.stateType.arrayType.dataType) for s in f.state] == [("kv_cache", fp16)]
+        assert list(f.state[0].type.stateType.arrayType.shape) == manifest["state"][0]["shape"]
+    arch = manifest["architecture"]
+    assert manifest["state"][0]["shape"] == [2, 2, arch["num_kv_heads"], SINK + WINDOW, arch["head_dim"]]
+
+
+def test_manifest_is_self_describing(exported):
+    folders = exported[0]
+    for target, folder in folders.items():
+        m = json.loads((Path(folder) / "edgekv.json").read_text())
+        assert (m["target"], m["sink"], m["window"], m["chunk"], m["vocab_size"]) == (target, SINK, WINDOW, CHUNK, 128)
+        assert m["source"]["weights_sha256"].startswith("sha256:")
+        assert (Path(folder) / "tokenizer.json").is_file()
+        assert {i["name"] for i in m["inputs"]} >= {"tokens", "input_pos"}
