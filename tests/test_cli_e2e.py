@@ -1,0 +1,151 @@
+"""The user's path on the real SmolLM2, and bad input: one-line errors, nothing half-written."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from exporter.loaders import build_model, load_tokenizer
+from runtimes import open_artifact
+from runtimes.generate import generate
+from runtimes.reference_runner import ReferenceRunner
+from tests.conftest import make_tiny
+
+RUNNABLE = ("executorch", "onnx", "openvino")
+
+
+def edgekv(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smol_artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol")
+    r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+def test_smollm2_exports_and_validates(smol_artifacts, target):
+    r = edgekv("validate", str(smol_artifacts / target), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["ok"] and result["target"] == target and result["tokens"] == 4 + 3 * 60 + 16
+    for pair in result["pairs"]:
+        assert pair["max_abs_diff"] <= 1e-3 * result["logit_scale"] and pair["top1_agreement"] >= 0.995
+
+
+def test_smollm2_coreml_validates_what_linux_can(smol_artifacts):
+    r = edgekv("validate", str(smol_artifacts / "coreml"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert [p["a"] + "/" + p["b"] for p in result["pairs"]] == ["reference/onnxruntime"]
+    assert "prediction needs macOS" in result["not_run"][0]
+
+
+def test_greedy_generation_identical_across_runtimes(smol_artifacts, smollm2, smollm2_text_ids):
+    prompt = smollm2_text_ids[:50]  # 50 + 32 tokens wrap the 64-slot cache
+    model = build_model(smollm2, 4, 60, max_chunk=16)
+    ref = ReferenceRunner(model, load_tokenizer(smollm2.tokenizer_dir), chunk=16)
+    want = list(generate(ref, prompt, 32))
+    assert len(want) == 32 and len(set(want)) > 3  # a real continuation, not one token repeated
+    for target in RUNNABLE:
+        runner = open_artifact(smol_artifacts / target)
+        assert list(generate(runner, prompt, 32)) == want, target
+        runner.reset()  # a second stream from position 0 gives the same tokens
+        assert list(generate(runner, prompt, 8)) == want[:8], target
+
+
+def test_artifact_ppl_uses_the_runner(smol_artifacts, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question: " * 8)
+    r = edgekv("ppl", str(smol_artifacts / "onnx"), "--text", str(text), "--tokens", "80", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert (out["tokens"], out["sink"], out["window"]) == (80, 4, 60) and 1.0 < out["ppl"] < 50
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    folder = make_tiny("llama", tmp / "hf")
+    r = edgekv("export", "--target", "onnx", "--model", str(folder), "--sink", "2", "--window", "6",
+               "--chunk", "4", "--out", str(tmp / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return folder, tmp / "out"
+
+
+def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("edgekv: error:")]
+    assert len(lines) == 1 and text in lines[0], r.stderr[-1500:]
+
+
+def test_unknown_target():
+    one_line_error(edgekv("export", "--target", "tflite"), "invalid choice: 'tflite'")
+
+
+def test_missing_model(tmp_path):
+    one_line_error(edgekv("export", "--target", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)),
+                   "no such file or folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tiny_onnx):
+    folder, out = tiny_onnx
+    before = (out / "onnx" / "edgekv.json").read_text()
+    one_line_error(edgekv("export", "--target", "onnx", "--model", str(folder), "--out", str(out)),
+                   "exists; pass --force")
+    assert (out / "onnx" / "edgekv.json").read_text() == before
+
+
+def test_corrupt_manifest_and_model(tiny_onnx, tmp_path):
+    import shutil
+
+    _, out = tiny_onnx
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "onnx", bad)
+    manifest = (bad / "edgekv.json").read_text()
+    (bad / "edgekv.json").write_text(manifest[: len(manifest) // 2])
+    one_line_error(edgekv("validate", str(bad)), "edgekv.json is corrupt")
+    (bad / "edgekv.json").write_text(manifest)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    one_line_error(edgekv("validate", str(bad)), "model.onnx is corrupt")
+    (bad / "model.onnx").unlink()
+    one_line_error(edgekv("ppl", str(bad), "--text", str(bad / "tokenizer.json")), "model.onnx (model) is missing")
+
+
+def test_interrupted_export_leaves_nothing(tiny_onnx, tmp_path):
+    folder, _ = tiny_onnx
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", "all", "--model",
+                             str(folder), "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # interrupt in the middle of the first conversion
+        if "traced decode and prefill" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    time.sleep(0.1)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_prediction_error_for_coreml_on_linux(tmp_path):
+    if sys.platform == "darwin":
+        pytest.skip("Core ML runs on macOS")
+    folder = make_tiny("qwen2", tmp_path / "hf")
+    r = edgekv("export", "--target", "coreml", "--model", str(folder), "--sink", "1", "--window", "5",
+               "--chunk", "2", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = edgekv("ppl", str(tmp_path / "out" / "coreml"), "--text", str(tmp_path / "out" / "coreml" / "tokenizer.json"))
+    one_line_error(r, "Core ML prediction needs macOS 15 or iOS 18")
