@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
         runner = open_artifact(args.artifact)
         ids = read_tokens(runner.tokenizer, args.text, args.tokens)
-        nll = stream_nll(runner.step_all_logits, ids, 1, "ppl")
+        nll = stream_nll(runner.feed_all_logits, ids, 1, "ppl")
         sink, window = runner.manifest["sink"], runner.manifest["window"]
         mode, tail_from = ("sink" if sink else "window"), sink + window
     else:
