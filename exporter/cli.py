@@ -13,6 +13,9 @@ COMMANDS = {
     "export": ("exporter.export", "export the model with its sink + ring cache to a target format"),
     "validate": ("exporter.validate", "compare an artifact with the reference and onnxruntime"),
     "ppl": ("exporter.ppl", "perplexity of a text streamed through the cache"),
+    "generate": ("exporter.generate", "stream a continuation of a prompt from an artifact"),
+    "chat": ("exporter.chat", "multi-turn chat through one continuous stream"),
+    "bench": ("exporter.bench", "decode speed and memory against stream position, prefill speed, size"),
 }
 
 

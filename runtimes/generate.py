@@ -41,3 +41,26 @@ def generate(runner, prompt: list[int], max_tokens: int, temperature: float = 0.
         if stop and token in stop:
             return
         logits = runner.feed([token])
+
+
+class TextStream:
+    """Incremental detokenization for streaming output in constant memory.
+
+    Re-decodes only the last few tokens and emits text once it is settled (not ending in an incomplete
+    UTF-8 sequence), the prefix/read-offset scheme of vLLM and TGI. Keeps O(recent tokens) state.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is already emitted context for the next decode
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.ids, self.read = self.ids[self.read:], len(self.ids) - self.read
+        self.prefix = 0
+        return text[len(before):]

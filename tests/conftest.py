@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT = SHARED_DATA / "tinyshakespeare.txt"
+RUNNABLE = ("executorch", "onnx", "openvino")  # the targets whose runtime runs on Linux
 
 # Grouped-query heads and head_dim != hidden / heads wherever the config allows it.
 TINY = {
@@ -60,3 +63,15 @@ def smollm2_text_ids(smollm2):
     from exporter.ppl import read_tokens
 
     return read_tokens(load_tokenizer(smollm2.tokenizer_dir), TEXT, 2000)
+
+
+def edgekv(*args: str, timeout: int = 1800, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("edgekv: error:")]
+    assert len(lines) == 1 and text in lines[0], r.stderr[-1500:]

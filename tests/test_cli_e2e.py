@@ -12,14 +12,7 @@ from exporter.loaders import build_model, load_tokenizer
 from runtimes import open_artifact
 from runtimes.generate import generate
 from runtimes.reference_runner import ReferenceRunner
-from tests.conftest import make_tiny
-
-RUNNABLE = ("executorch", "onnx", "openvino")
-
-
-def edgekv(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +63,30 @@ def test_artifact_ppl_uses_the_runner(smol_artifacts, tmp_path):
     assert (out["tokens"], out["sink"], out["window"]) == (80, 4, 60) and 1.0 < out["ppl"] < 50
 
 
+def test_chat_two_turns_through_stdin(smol_artifacts):
+    r = edgekv("chat", str(smol_artifacts / "onnx"), "--max-tokens", "24", "--seed", "1",
+               stdin="Hello! Who are you?\nName three colours.\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and "stream position" in ln]
+    assert len(stats) == 2, r.stderr[-2000:]
+    positions = [int(ln.split("stream position ")[1].split(",")[0]) for ln in stats]
+    assert 0 < positions[0] < positions[1] and positions[1] > 4 + 60  # one stream, past the first wrap
+    assert len([ln for ln in r.stdout.splitlines() if ln.strip()]) >= 2
+
+
+def test_chat_stream_holds_exactly_the_rendered_conversation(smol_artifacts):
+    from runtimes.chat import Chat, ChatTemplate
+
+    runner = open_artifact(smol_artifacts / "onnx")
+    fed, feed = [], runner.feed
+    runner.feed = lambda tokens: (fed.extend(tokens), feed(tokens))[1]  # record what enters the cache
+    chat = Chat(runner, ChatTemplate(smol_artifacts / "onnx"))
+    answers = ["".join(chat.reply(q, 20)) for q in ("What is the capital of France?", "And of Italy?")]
+    assert all(a.strip() for a in answers) and runner.pos == len(fed) > 4 + 60
+    assert runner.tokenizer.decode(fed, skip_special_tokens=False) == chat.in_stream
+    assert chat.in_stream.startswith("<|im_start|>system\n") and chat.in_stream.count("<|im_start|>user\n") == 2
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
@@ -81,12 +98,6 @@ def tiny_onnx(tmp_path_factory):
                "--chunk", "4", "--out", str(tmp / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
     return folder, tmp / "out"
-
-
-def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
-    assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("edgekv: error:")]
-    assert len(lines) == 1 and text in lines[0], r.stderr[-1500:]
 
 
 def test_unknown_target():
