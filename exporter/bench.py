@@ -141,11 +141,11 @@ def report(r: dict) -> str:
     prefill = f"{r['prefill_tok_s']:.0f} tok/s" if r["prefill_tok_s"] else "n/a"
     rows = [f"{r['artifact']} ({r['target']}, {r['size_mb']:.1f} MB, cache {r['sink']}+{r['window']}): "
             f"prefill {prefill} (chunk {r['chunk']}), decode {r['decode_tok_s']:.1f} tok/s after the ring fills",
-            "  position     " + "".join(f"{p:>10}" for p in r["positions"]),
-            "  ms/token     " + "".join(f"{v:>10.2f}" for v in r["ms_per_token"]),
-            "  p10-p90      " + "".join(f"{f'{a:.1f}-{b:.1f}':>10}" for a, b in zip(r["ms_p10"], r["ms_p90"],
+            "  position     " + "".join(f"{p:>12}" for p in r["positions"]),
+            "  ms/token     " + "".join(f"{v:>12.2f}" for v in r["ms_per_token"]),
+            "  p10-p90      " + "".join(f"{f'{a:.1f}-{b:.1f}':>12}" for a, b in zip(r["ms_p10"], r["ms_p90"],
                                                                                     strict=True)),
-            "  peak RSS MB  " + "".join(f"{v:>10.0f}" for v in r["rss_mb"]),
+            "  peak RSS MB  " + "".join(f"{v:>12.0f}" for v in r["rss_mb"]),
             f"  last/first: ms/token x{r['flat_ms_ratio']:.3f}, peak RSS {100 * r['rss_growth']:+.2f} %"]
     return "\n".join(rows)
 
