@@ -9,8 +9,9 @@ from pathlib import Path
 
 from exporter.config import EdgekvError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors carry a `role`
 MANIFEST = "edgekv.json"
+SCHEMA = Path(__file__).with_name("edgekv.schema.json")  # the one schema; the iOS app is checked against it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 

@@ -31,7 +31,8 @@ class Runner:
 
         self.folder, self.manifest = Path(folder), manifest
         self.chunk, self.vocab_size = manifest["chunk"], manifest["vocab_size"]
-        self.token_dtype = np.int32 if manifest["inputs"][0]["dtype"] == "int32" else np.int64
+        tokens = next(t for t in manifest["inputs"] if t["role"] == "tokens")
+        self.token_dtype = np.int32 if tokens["dtype"] == "int32" else np.int64
         self.tokenizer = load_tokenizer(self.folder)
         self.pos = 0
 

@@ -19,6 +19,7 @@ class CoreMLRunner(Runner):
         path = str(self.folder / manifest["files"]["model"])
         self.functions = {1: ct.models.MLModel(path, function_name=manifest["entries"]["decode"])}
         self.functions[self.chunk] = ct.models.MLModel(path, function_name=manifest["entries"]["prefill"])
+        self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
         self.reset()
 
     def reset(self) -> None:
@@ -26,8 +27,9 @@ class CoreMLRunner(Runner):
         self.state = self.functions[1].make_state()
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        inputs = {"tokens": tokens.astype(np.int32), "input_pos": np.array([pos], dtype=np.int32)}
-        return self.functions[tokens.shape[1]].predict(inputs, state=self.state)["logits"][0]
+        inputs = {self.names["tokens"]: tokens.astype(np.int32),
+                  self.names["position"]: np.array([pos], dtype=np.int32)}
+        return self.functions[tokens.shape[1]].predict(inputs, state=self.state)[self.names["logits"]][0]
 
 
 def load(folder: Path, manifest: dict) -> Runner:

@@ -4,13 +4,14 @@ ring through both entries; the Core ML package has the contract's interface."""
 import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
 
 from exporter.export import export_one, manifest_base
 from exporter.loaders import build_model, load_checkpoint, load_tokenizer
-from exporter.manifest import read_manifest
+from exporter.manifest import SCHEMA, read_manifest
 from exporter.targets import TARGETS
 from exporter.validate import run_stream, schedule
 from runtimes import open_artifact
@@ -75,9 +76,33 @@ def test_coreml_package_interface(exported):
 
 def test_manifest_is_self_describing(exported):
     folders = exported[0]
+    schema = json.loads(SCHEMA.read_text())
     for target, folder in folders.items():
         m = json.loads((Path(folder) / "edgekv.json").read_text())
+        jsonschema.validate(m, schema)
+        assert {t["role"] for t in m["inputs"]} >= {"tokens", "position"}
         assert (m["target"], m["sink"], m["window"], m["chunk"], m["vocab_size"]) == (target, SINK, WINDOW, CHUNK, 128)
         assert m["source"]["weights_sha256"].startswith("sha256:")
         assert (Path(folder) / "tokenizer.json").is_file()
         assert {i["name"] for i in m["inputs"]} >= {"tokens", "input_pos"}
+
+
+def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
+    """The Swift tests decode apps/ios-demo's fixture; it must stay what the exporter writes today."""
+    fresh = json.loads((Path(exported[0]["coreml"]) / "edgekv.json").read_text())
+    fixture = json.loads((Path(__file__).resolve().parents[1] / "apps" / "ios-demo" / "Tests" / "EdgeKVCoreTests"
+                          / "Fixtures" / "edgekv.json").read_text())
+
+    def shape(value):
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items()}
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return [shape(v) for v in value]
+        return type(value).__name__
+
+    assert shape(fixture) == shape(fresh)
+    for key in ("entries", "compute_precision", "minimum_deployment_target", "format_version", "target"):
+        assert fixture[key] == fresh[key]
+    for key in ("inputs", "outputs", "state"):
+        assert [(t["role"], t["name"], t["dtype"]) for t in fixture[key]] == \
+            [(t["role"], t["name"], t["dtype"]) for t in fresh[key]]

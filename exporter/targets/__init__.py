@@ -48,5 +48,10 @@ def trace(model: StreamingLM, tokens: int, token_dtype: torch.dtype = torch.int6
         return torch.export.export(model, args, strict=False)
 
 
-def io_entry(name: str, dtype: str, shape: list) -> dict:
-    return {"name": name, "dtype": dtype, "shape": shape}
+ROLES = ("tokens", "position", "logits", "cache")
+
+
+def io_entry(role: str, name: str, dtype: str, shape: list) -> dict:
+    """One manifest tensor. `role` says what it is for, so no runtime (nor the iOS app) goes by name or order."""
+    assert role in ROLES, role
+    return {"role": role, "name": name, "dtype": dtype, "shape": shape}

@@ -55,9 +55,9 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     return {
         "files": {"model": "model.mlpackage"},
         "entries": {"decode": "decode", "prefill": "prefill"},
-        "inputs": [io_entry("tokens", "int32", [1, "T"]), io_entry("input_pos", "int32", [1])],
-        "outputs": [io_entry("logits", "float32", [1, model.cfg.vocab_size])],
-        "state": [io_entry("kv_cache", "float16", list(shape))],
+        "inputs": [io_entry("tokens", "tokens", "int32", [1, "T"]), io_entry("position", "input_pos", "int32", [1])],
+        "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size])],
+        "state": [io_entry("cache", "kv_cache", "float16", list(shape))],
         "compute_precision": "float16",
         "minimum_deployment_target": "iOS18",
     }

@@ -47,10 +47,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     return {
         "files": files,
         "entries": {"decode": "model.onnx (T=1)", "prefill": f"model.onnx (T={spec.chunk})"},
-        "inputs": [io_entry("tokens", "int64", [1, "T"]), io_entry("input_pos", "int64", [1]),
-                   io_entry("kv_cache", "float32", cache)],
-        "outputs": [io_entry("logits", "float32", [1, model.cfg.vocab_size]),
-                    io_entry("kv_cache_out", "float32", cache)],
+        "inputs": [io_entry("tokens", "tokens", "int64", [1, "T"]), io_entry("position", "input_pos", "int64", [1]),
+                   io_entry("cache", "kv_cache", "float32", cache)],
+        "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size]),
+                    io_entry("cache", "kv_cache_out", "float32", cache)],
         "state": [],
         "compute_precision": "float32",
     }

@@ -25,8 +25,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     return {
         "files": {"model": "model.xml", "weights": "model.bin"},
         "entries": {"decode": "model.xml (T=1)", "prefill": f"model.xml (T={spec.chunk})"},
-        "inputs": [io_entry("tokens", "int64", [1, "T"]), io_entry("input_pos", "int64", [1])],
-        "outputs": [io_entry("logits", "float32", [1, model.cfg.vocab_size])],
-        "state": [io_entry("kv_cachekv_cache_out", "float32", list(model.kv_cache.shape))],
+        "inputs": [io_entry("tokens", "tokens", "int64", [1, "T"]), io_entry("position", "input_pos", "int64", [1])],
+        "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size])],
+        "state": [io_entry("cache", "kv_cachekv_cache_out", "float32", list(model.kv_cache.shape))],
         "compute_precision": "float32",
     }

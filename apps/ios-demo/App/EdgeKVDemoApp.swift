@@ -1,0 +1,10 @@
+import SwiftUI
+
+@main
+struct EdgeKVDemoApp: App {
+    var body: some Scene {
+        WindowGroup {
+            ChatView()
+        }
+    }
+}
