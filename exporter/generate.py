@@ -12,8 +12,8 @@ from exporter.config import EdgekvError
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
-    p.add_argument("artifact", type=Path, help="an exported edgekv folder (executorch, onnx, openvino; "
-                                               "coreml on macOS)")
+    p.add_argument("artifact", type=Path, help="an exported edgekv folder (coreml runs as Core ML on macOS and "
+                                               "through the NumPy MIL executor elsewhere)")
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"0 = greedy (default {temperature})")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")

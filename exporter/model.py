@@ -20,13 +20,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.init_buffers(torch.float32, None)
+
+    def init_buffers(self, dtype: torch.dtype, device) -> None:
+        # eps as a tensor: `tensor / tensor` lowers to a division XNNPACK delegates, `float / tensor`
+        # to a reciprocal it does not (which would split every layer's partition).
+        self.register_buffer("eps_tensor", torch.tensor([self.eps], dtype=dtype, device=device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The mean runs on a [1, N, dim, 1] view over its last two dims: the only mean XNNPACK
-        # delegates, so each layer stays one delegate partition (a split partition costs export time).
+        # Core ML computes in fp16, where x * x overflows past |x| = 256 (SmolLM2's residual stream
+        # passes 600 by its third layer, and the norm then returns zeros). So the row is first divided
+        # by s = max(max|x|, 1), which is exact in real arithmetic:
+        #   x / sqrt(mean(x^2) + eps) = (x/s) / sqrt(mean((x/s)^2) + eps/s^2),  with (x/s)^2 <= 1.
+        # The reductions run on a [1, N, dim, 1] view: the max and mean XNNPACK delegates, so each
+        # layer stays one delegate partition (a split partition costs export time).
         d = x.shape[-1]
-        ms = (x * x).view(1, -1, d, 1).mean(dim=(-2, -1), keepdim=True).view(*x.shape[:-1], 1)
-        return self.weight * (x * torch.rsqrt(ms + self.eps))
+        rows = x.view(1, -1, d, 1)
+        s = rows.abs().max(dim=2, keepdim=True).values.clamp(min=1.0)
+        xs = rows / s
+        ms = (xs * xs).mean(dim=(-2, -1), keepdim=True)
+        return self.weight * (xs * torch.rsqrt(ms + self.eps_tensor / (s * s))).view(x.shape)
 
 
 class MLP(nn.Module):
@@ -89,7 +102,9 @@ class Attention(nn.Module):
     def _scatter(self, pick: Tensor, x: Tensor) -> Tensor:
         """[C, T] one-hot rows times x [KV, T, D] -> [KV, C, D], as one 2-D matmul."""
         kv, t, d = x.shape
-        rows = torch.mm(pick, x.transpose(0, 1).reshape(t, kv * d))
+        x = x.transpose(0, 1).reshape(t, kv * d)
+        # One token: a broadcast product, which XNNPACK takes (it leaves this mm to a slow portable kernel).
+        rows = pick * x if t == 1 else torch.mm(pick, x)
         return rows.view(-1, kv, d).transpose(0, 1)
 
 
@@ -138,6 +153,9 @@ class StreamingLM(nn.Module):
         rows = torch.arange(s + w + self.max_chunk, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
         self.register_buffer("rope_cos", rows.cos().to(dtype).to(device), persistent=False)
         self.register_buffer("rope_sin", rows.sin().to(dtype).to(device), persistent=False)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.init_buffers(dtype, device)
 
     @property
     def capacity(self) -> int:
@@ -177,8 +195,12 @@ class StreamingLM(nn.Module):
         ctx = self.context(t, input_pos)
         x = self.embed_tokens(tokens)
         new_k, new_v = [], []
+        # Index the cache's key and value halves once: ExecuTorch materializes every select as a copy,
+        # and `kv_cache[0, i]` in the loop copied the whole key half once per layer (profiled: a third
+        # of decode time on a 16-layer model).
+        k_all, v_all = kv_cache[0], kv_cache[1]
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, kv_cache[0, i], kv_cache[1, i], ctx)
+            x, k, v = layer(x, k_all[i], v_all[i], ctx)
             new_k.append(k)
             new_v.append(v)
         if self.last_logits_only:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +16,6 @@ from tqdm import tqdm
 
 from exporter.config import EdgekvError
 from exporter.manifest import read_manifest
-from exporter.targets import RUNNABLE_HERE
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "shakespeare-excerpt.txt"
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
@@ -24,6 +24,7 @@ FP32_TOP1 = 0.995
 # 1e-2 in its logits. Bound: 5e-2 x logit scale and 97% top-1; measured once Core ML runs (macOS).
 FP16_REL_TOL = 5e-2
 FP16_TOP1 = 0.97
+FP32_RUNS = {"reference", "onnxruntime"}  # the comparison runs; artifact runs are named after their target
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -86,11 +87,17 @@ def main(args: argparse.Namespace) -> int:
 
     logits = {"reference": run_stream(ReferenceRunner(model, None), ids, calls, "reference")}
     not_run = []
-    if target in RUNNABLE_HERE:
-        logits[target] = run_stream(open_artifact(args.artifact), ids, calls, target)
-    else:
-        not_run.append(f"{target}: prediction needs macOS; the package's spec was checked instead")
+    if target == "coreml":  # the NumPy MIL executor everywhere, and Core ML itself where it exists
+        from runtimes.coreml_runner import MILRunner
+
         check_coreml_spec(args.artifact, manifest)
+        logits["coreml-numpy"] = run_stream(MILRunner(args.artifact, manifest), ids, calls, "coreml-numpy")
+        if platform.system() == "Darwin":
+            logits["coreml"] = run_stream(open_artifact(args.artifact), ids, calls, "coreml")
+        else:
+            not_run.append("coreml: Core ML prediction needs macOS; the NumPy MIL executor ran the package instead")
+    else:
+        logits[target] = run_stream(open_artifact(args.artifact), ids, calls, target)
     if target != "onnx":
         from exporter.export import export_one, manifest_base
 
@@ -109,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     targets_next = np.array([ids[e + 1] if e + 1 < len(ids) else ids[e] for e in ends])[:-1]
     ppl = {k: perplexity(v[:-1], targets_next) for k, v in logits.items()}
     for p in pairs:  # the fp16 bound applies to pairs that include the fp16 artifact itself
-        rel_tol, top1_tol = (FP16_REL_TOL, FP16_TOP1) if fp16 and target in (p["a"], p["b"]) else (
+        rel_tol, top1_tol = (FP16_REL_TOL, FP16_TOP1) if fp16 and not {p["a"], p["b"]} <= FP32_RUNS else (
             FP32_REL_TOL, FP32_TOP1)
         p["ok"] = p["rel_diff"] <= rel_tol and p["top1_agreement"] >= top1_tol
         p["tolerance"] = {"max_abs_diff": rel_tol * scale, "top1_agreement": top1_tol}

@@ -4,6 +4,7 @@ get the last token's logits. `open_artifact` picks the runner from the folder's 
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ class Runner:
     Reset only moves the stream back to position 0: the contract masks every slot not written in the
     current stream, so stale cache contents are never read and need no clearing.
     """
+
+    note = ""  # said on stderr when the runner is opened, e.g. that it is not the format's own runtime
 
     def __init__(self, folder: Path, manifest: dict):
         from exporter.loaders import load_tokenizer
@@ -65,10 +68,13 @@ def open_artifact(folder: Path) -> Runner:
     manifest = read_manifest(folder)
     module = importlib.import_module(RUNNERS[manifest["target"]])
     try:
-        return module.load(Path(folder), manifest)
+        runner = module.load(Path(folder), manifest)
     except EdgekvError:
         raise
     except Exception as e:
         raise EdgekvError(f"{folder}: cannot load the {manifest['target']} model ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-export with `edgekv export --force`"
                           ) from e
+    if runner.note:
+        print(f"edgekv: note: {runner.note}", file=sys.stderr)
+    return runner

@@ -1,4 +1,5 @@
-"""Core ML through coremltools; prediction exists only on macOS 15 / iOS 18."""
+"""Core ML: real prediction through coremltools on macOS 15 / iOS 18; elsewhere the NumPy MIL executor
+(`runtimes/mil_executor.py`), which runs the same package with Core ML's fp16 semantics but not its speed."""
 
 from __future__ import annotations
 
@@ -7,19 +8,30 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.config import EdgekvError
 from runtimes import Runner
 
 
-class CoreMLRunner(Runner):
+class _CoreMLRunner(Runner):
+    """Shared part: tensors found by role in the manifest, decode and prefill functions by entry name."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        super().__init__(folder, manifest)
+        self.package = self.folder / manifest["files"]["model"]
+        self.entries = {1: manifest["entries"]["decode"], self.chunk: manifest["entries"]["prefill"]}
+        self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
+
+    def _inputs(self, tokens: np.ndarray, pos: int) -> dict:
+        return {self.names["tokens"]: tokens.astype(np.int32), self.names["position"]: np.array([pos], np.int32)}
+
+
+class CoreMLRunner(_CoreMLRunner):
+    executor = "coreml"
+
     def __init__(self, folder: Path, manifest: dict):
         super().__init__(folder, manifest)
         import coremltools as ct
 
-        path = str(self.folder / manifest["files"]["model"])
-        self.functions = {1: ct.models.MLModel(path, function_name=manifest["entries"]["decode"])}
-        self.functions[self.chunk] = ct.models.MLModel(path, function_name=manifest["entries"]["prefill"])
-        self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
+        self.functions = {n: ct.models.MLModel(str(self.package), function_name=f) for n, f in self.entries.items()}
         self.reset()
 
     def reset(self) -> None:
@@ -27,15 +39,27 @@ class CoreMLRunner(Runner):
         self.state = self.functions[1].make_state()
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        inputs = {self.names["tokens"]: tokens.astype(np.int32),
-                  self.names["position"]: np.array([pos], dtype=np.int32)}
-        return self.functions[tokens.shape[1]].predict(inputs, state=self.state)[self.names["logits"]][0]
+        outputs = self.functions[tokens.shape[1]].predict(self._inputs(tokens, pos), state=self.state)
+        return outputs[self.names["logits"]][0]
+
+
+class MILRunner(_CoreMLRunner):
+    executor = "numpy-mil"
+    note = ("Core ML prediction needs macOS: running the package with edgekv's NumPy MIL executor "
+            "(Core ML's fp16 semantics; its speed is not Core ML's)")
+
+    def __init__(self, folder: Path, manifest: dict):
+        super().__init__(folder, manifest)
+        from runtimes.mil_executor import MILProgram
+
+        self.program = MILProgram(self.package)
+        self.state = self.program.make_state(self.entries[1])
+
+    def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        outputs = self.program.run(self.entries[tokens.shape[1]], self._inputs(tokens, pos), self.state)
+        return outputs[self.names["logits"]][0]
 
 
 def load(folder: Path, manifest: dict) -> Runner:
-    if platform.system() != "Darwin":
-        raise EdgekvError(
-            f"{folder}: Core ML prediction needs macOS 15 or iOS 18; on this machine run "
-            f"`edgekv validate {folder}` to check the package against the reference and onnxruntime"
-        )
-    return CoreMLRunner(folder, manifest)
+    """Real Core ML where it exists (macOS), the NumPy MIL executor elsewhere."""
+    return (CoreMLRunner if platform.system() == "Darwin" else MILRunner)(folder, manifest)

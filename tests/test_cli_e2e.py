@@ -9,6 +9,7 @@ import time
 import pytest
 
 from exporter.loaders import build_model, load_tokenizer
+from exporter.validate import FP16_REL_TOL, FP16_TOP1
 from runtimes import open_artifact
 from runtimes.generate import generate
 from runtimes.reference_runner import ReferenceRunner
@@ -33,12 +34,18 @@ def test_smollm2_exports_and_validates(smol_artifacts, target):
         assert pair["max_abs_diff"] <= 1e-3 * result["logit_scale"] and pair["top1_agreement"] >= 0.995
 
 
-def test_smollm2_coreml_validates_what_linux_can(smol_artifacts):
+def test_smollm2_coreml_validates_through_the_mil_executor(smol_artifacts):
     r = edgekv("validate", str(smol_artifacts / "coreml"), "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
-    assert [p["a"] + "/" + p["b"] for p in result["pairs"]] == ["reference/onnxruntime"]
-    assert "prediction needs macOS" in result["not_run"][0]
+    assert result["ok"] and result["tokens"] == 4 + 3 * 60 + 16
+    pairs = {p["a"] + "/" + p["b"]: p for p in result["pairs"]}
+    assert list(pairs) == ["reference/coreml-numpy", "reference/onnxruntime", "coreml-numpy/onnxruntime"]
+    fp16 = pairs["reference/coreml-numpy"]
+    assert fp16["max_abs_diff"] <= FP16_REL_TOL * result["logit_scale"] and fp16["top1_agreement"] >= FP16_TOP1
+    assert fp16["max_abs_diff"] > 1e-3 * result["logit_scale"]  # fp16 was really computed as fp16
+    assert abs(result["perplexity"]["coreml-numpy"] / result["perplexity"]["reference"] - 1) < 0.01
+    assert "Core ML prediction needs macOS" in result["not_run"][0]
 
 
 def test_greedy_generation_identical_across_runtimes(smol_artifacts, smollm2, smollm2_text_ids):
@@ -47,7 +54,7 @@ def test_greedy_generation_identical_across_runtimes(smol_artifacts, smollm2, sm
     ref = ReferenceRunner(model, load_tokenizer(smollm2.tokenizer_dir), chunk=16)
     want = list(generate(ref, prompt, 32))
     assert len(want) == 32 and len(set(want)) > 3  # a real continuation, not one token repeated
-    for target in RUNNABLE:
+    for target in (*RUNNABLE, "coreml"):  # Core ML through the NumPy MIL executor, in fp16
         runner = open_artifact(smol_artifacts / target)
         assert list(generate(runner, prompt, 32)) == want, target
         runner.reset()  # a second stream from position 0 gives the same tokens
@@ -151,12 +158,20 @@ def test_interrupted_export_leaves_nothing(tiny_onnx, tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_prediction_error_for_coreml_on_linux(tmp_path):
+def test_coreml_runs_on_linux_through_the_mil_executor(tmp_path):
     if sys.platform == "darwin":
-        pytest.skip("Core ML runs on macOS")
+        pytest.skip("Core ML itself runs on macOS")
     folder = make_tiny("qwen2", tmp_path / "hf")
     r = edgekv("export", "--target", "coreml", "--model", str(folder), "--sink", "1", "--window", "5",
                "--chunk", "2", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = edgekv("ppl", str(tmp_path / "out" / "coreml"), "--text", str(tmp_path / "out" / "coreml" / "tokenizer.json"))
-    one_line_error(r, "Core ML prediction needs macOS 15 or iOS 18")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(40)))
+    r = edgekv("ppl", str(tmp_path / "out" / "coreml"), "--text", str(text), "--tokens", "30", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NumPy MIL executor" in r.stderr and "its speed is not Core ML's" in r.stderr
+    eager = edgekv("ppl", "--model", str(folder), "--sink", "1", "--window", "5", "--text", str(text),
+                   "--tokens", "30", "--json")
+    assert eager.returncode == 0, eager.stderr[-2000:]
+    got, want = json.loads(r.stdout), json.loads(eager.stdout)
+    assert got["tokens"] == want["tokens"] == 30 and abs(got["ppl"] / want["ppl"] - 1) < 1e-2

@@ -19,7 +19,6 @@ TARGETS = {
     "onnx": "exporter.targets.onnx",
     "openvino": "exporter.targets.openvino",
 }
-RUNNABLE_HERE = ("executorch", "onnx", "openvino")  # Core ML prediction needs macOS
 
 
 @dataclass

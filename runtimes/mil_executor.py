@@ -1,0 +1,331 @@
+"""A NumPy executor for the Core ML ML programs edgekv writes, so Linux can run a `.mlpackage`.
+
+It reads the program (MIL) from the package's protobuf spec and weight blob with coremltools' own
+loaders, then runs each function op by op. What "computed as Core ML computes" means here:
+
+- An fp16 tensor holds fp16 values (kept in float32 arrays, which hold every fp16 value exactly).
+  Each op reads its fp16 inputs exactly, computes in fp32 and rounds its result to fp16 (nearest
+  even; past 65504 it becomes inf, as in fp16). For +, -, *, / this is exactly IEEE fp16 arithmetic:
+  fp32 has more than twice fp16's precision, so rounding twice equals rounding once.
+- Reductions (linear, matmul, reduce_mean, softmax) accumulate in fp32 before the one rounding.
+  Core ML does not document its accumulation precision (it differs between CPU, GPU and Neural
+  Engine); this is the executor's choice, and `edgekv validate`'s fp16 bound covers the difference.
+- Integer and bool tensors keep their declared type; every op's result is checked against the dtype
+  and shape the program declares, so a wrong semantic shows up as an error, not a drift.
+- `read_state` returns the state's current value and `write_state` replaces it; the caller owns the
+  state (`make_state`), as `MLState` is owned by the caller in Core ML.
+
+An op the executor does not implement, or an input or attribute value it does not implement, fails
+loudly naming the op and the function it sits in. Nothing is skipped or approximated silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.config import EdgekvError
+
+FP16 = np.dtype(np.float16)
+
+
+class Unsupported(Exception):
+    """An input or attribute value the executor does not implement (raised by an op function)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops. Each takes the MIL op's inputs as keyword arguments (fp16 tensors arrive as float32
+# holding fp16 values) and returns an array; the executor rounds and checks the result.
+
+
+def _cast(x, dtype: str):
+    targets = {"fp16": np.float32, "fp32": np.float32, "int32": np.int32, "int16": np.int16,
+               "uint16": np.uint16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+    if dtype not in targets:
+        raise Unsupported(f"dtype={dtype!r}")
+    to = np.dtype(targets[dtype])
+    if to.kind in "iu":
+        if x.dtype.kind == "f":
+            if not np.isfinite(x).all():
+                raise Unsupported("casting inf or nan to an integer")
+            x = np.trunc(x)
+        info = np.iinfo(to)
+        if x.size and (x.min() < info.min or x.max() > info.max):
+            raise Unsupported(f"values outside {dtype}'s range")
+    if dtype == "bool":
+        return x != 0
+    return x.astype(to)
+
+
+def _concat(values, axis, interleave=False):
+    if interleave:
+        raise Unsupported("interleave=True")
+    return np.concatenate(values, axis=int(axis))
+
+
+def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    if batch_dims != 0:
+        raise Unsupported(f"batch_dims={int(batch_dims)}")
+    axis, n = int(axis), x.shape[int(axis)]
+    if indices.size and (indices.min() < -n or indices.max() >= n):
+        raise Unsupported(f"an index outside [-{n}, {n}) (Core ML leaves this undefined)")
+    return np.take(x, indices.astype(np.int64), axis=axis)
+
+
+def _reshape(x, shape):
+    if 0 in shape and len(shape) != x.ndim:
+        raise Unsupported("a 0 in shape when the rank changes")
+    return x.reshape([x.shape[i] if s == 0 else int(s) for i, s in enumerate(shape)])
+
+
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    index = []
+    for i in range(x.ndim):
+        if squeeze_mask is not None and squeeze_mask[i]:
+            index.append(int(begin[i]))
+            continue
+        b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        e = None if end_mask is not None and end_mask[i] else int(end[i])
+        index.append(slice(b, e, 1 if stride is None else int(stride[i])))
+    return x[tuple(index)]
+
+
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    if transpose_x:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _linear(x, weight, bias=None):
+    out = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def _reduce(fn):
+    def reduce(x, axes=None, keep_dims=False):
+        return fn(x, axis=None if axes is None else tuple(int(a) for a in axes), keepdims=bool(keep_dims))
+    return reduce
+
+
+def _softmax(x, axis=-1):
+    shifted = x - x.max(axis=int(axis), keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=int(axis), keepdims=True)
+
+
+def _silu(x):
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: silu -> -0
+        return x / (np.float32(1) + np.exp(-x))
+
+
+def _inverse(x, epsilon=1e-4):
+    with np.errstate(divide="ignore"):
+        return np.float32(1) / (x + epsilon)
+
+
+def _rsqrt(x, epsilon=1e-12):
+    with np.errstate(divide="ignore"):
+        return np.float32(1) / np.sqrt(x + epsilon)
+
+
+OPS: dict[str, Callable[..., np.ndarray]] = {
+    "add": lambda x, y: x + y,
+    "sub": lambda x, y: x - y,
+    "mul": lambda x, y: x * y,
+    "real_div": lambda x, y: x / y,
+    "floor_div": lambda x, y: np.floor_divide(x, y),
+    "maximum": lambda x, y: np.maximum(x, y),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "equal": lambda x, y: np.equal(x, y),
+    "not_equal": lambda x, y: np.not_equal(x, y),
+    "less": lambda x, y: np.less(x, y),
+    "less_equal": lambda x, y: np.less_equal(x, y),
+    "greater": lambda x, y: np.greater(x, y),
+    "greater_equal": lambda x, y: np.greater_equal(x, y),
+    "logical_and": lambda x, y: np.logical_and(x, y),
+    "logical_or": lambda x, y: np.logical_or(x, y),
+    "logical_not": lambda x: np.logical_not(x),
+    "select": lambda cond, a, b: np.where(cond, a, b),
+    "clip": lambda x, alpha, beta: np.minimum(np.maximum(x, alpha), beta),
+    "cast": _cast,
+    "concat": _concat,
+    "stack": lambda values, axis: np.stack(values, axis=int(axis)),
+    "expand_dims": lambda x, axes: np.expand_dims(x, tuple(int(a) for a in axes)),
+    "reshape": _reshape,
+    "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
+    "slice_by_index": _slice_by_index,
+    "gather": _gather,
+    "linear": _linear,
+    "matmul": _matmul,
+    "reduce_mean": _reduce(np.mean),
+    "reduce_max": _reduce(np.max),
+    "abs": lambda x: np.abs(x),
+    "inverse": _inverse,
+    "rsqrt": _rsqrt,
+    "softmax": _softmax,
+    "silu": _silu,
+}
+STATE_OPS = ("read_state", "write_state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a program
+
+
+@dataclass
+class _Op:
+    type: str
+    name: str  # the op's first output, as Core ML and coremltools name ops in messages
+    args: dict[str, Any]  # input name -> ("ref", var) | ("val", value) | list of those
+    outputs: list[tuple[str, np.dtype, tuple | None]]
+    fn: Callable | None
+
+
+@dataclass
+class Function:
+    name: str
+    inputs: dict[str, tuple[np.dtype, tuple]]
+    states: dict[str, tuple[np.dtype, tuple]]
+    ops: list[_Op]
+    outputs: dict[str, np.dtype]
+
+
+def _tensor_type(value_type) -> tuple[np.dtype, tuple | None]:
+    """(numpy dtype, static shape or None) of a MIL tensor type; fp16 -> float16."""
+    from coremltools.converters.mil.mil import types
+
+    t = value_type.tensorType
+    dtype = np.dtype(types.nptype_from_builtin(types.PROTO_TO_BUILTIN_TYPE[t.dataType]))
+    dims = [d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in t.dimensions]
+    return dtype, None if None in dims else tuple(dims)
+
+
+def _compute(value):
+    """The executor's representation: fp16 as float32 holding fp16 values, everything else as is."""
+    if isinstance(value, np.ndarray | np.generic) and value.dtype == FP16:
+        return value.astype(np.float32)
+    return value
+
+
+class MILProgram:
+    """The functions of one ML program package, runnable with NumPy."""
+
+    def __init__(self, package: Path):
+        import coremltools as ct
+        from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext
+
+        self.package = Path(package)
+        spec = ct.utils.load_spec(str(self.package))
+        if spec.WhichOneof("Type") != "mlProgram":
+            raise EdgekvError(f"{package}: not an ML program (the NumPy executor runs ML programs only)")
+        self._context = TranscriptionContext(str(self.package / "Data" / "com.apple.CoreML" / "weights"))
+        self._blobs: dict[tuple[str, int], np.ndarray] = {}  # weights shared between functions load once
+        self.functions = {name: self._load_function(name, f) for name, f in spec.mlProgram.functions.items()}
+
+    def _value(self, value_spec):
+        from coremltools.converters.mil.frontend.milproto.load import _load_value
+
+        if value_spec.WhichOneof("value") != "blobFileValue":
+            return _compute(_load_value(self._context, value_spec))
+        key = (value_spec.blobFileValue.fileName, value_spec.blobFileValue.offset)
+        if key not in self._blobs:
+            self._blobs[key] = _compute(_load_value(self._context, value_spec))
+        return self._blobs[key]
+
+    def _load_function(self, fname: str, f) -> Function:
+        if len(f.block_specializations) != 1:
+            raise EdgekvError(f"function '{fname}' has {len(f.block_specializations)} block specializations; "
+                              "the NumPy executor runs programs with one")
+        block = f.block_specializations[f.opset]
+        inputs, states = {}, {}
+        for i in f.inputs:
+            if i.type.WhichOneof("type") == "stateType":
+                states[i.name] = _tensor_type(i.type.stateType.wrappedType)
+            else:
+                inputs[i.name] = _tensor_type(i.type)
+        consts, ops = {}, []
+        for op in block.operations:
+            where = f"op '{op.type}' ({op.outputs[0].name if op.outputs else op.type}) in function '{fname}'"
+            if op.type == "const":
+                consts[op.outputs[0].name] = self._value(op.attributes["val"])
+                continue
+            if op.type not in OPS and op.type not in STATE_OPS:
+                raise EdgekvError(f"{where}: the NumPy executor does not implement '{op.type}'")
+            if len(op.blocks):
+                raise EdgekvError(f"{where}: nested blocks (control flow) are not implemented")
+            fn = OPS.get(op.type)
+            known = set(inspect.signature(fn).parameters) if fn else {"input", "data"}
+            if set(op.inputs) - known:
+                raise EdgekvError(f"{where}: input(s) {sorted(set(op.inputs) - known)} not implemented")
+
+            def arg(a):
+                if a.name:
+                    return ("val", consts[a.name]) if a.name in consts else ("ref", a.name)
+                return ("val", self._value(a.value))
+
+            args = {k: [arg(a) for a in v.arguments] for k, v in op.inputs.items()}
+            args = {k: v if k == "values" else v[0] for k, v in args.items()}  # only concat/stack are variadic
+            outputs = [(o.name, *_tensor_type(o.type)) for o in op.outputs]
+            ops.append(_Op(op.type, op.outputs[0].name if op.outputs else op.type, args, outputs, fn))
+        declared = {name: dtype for op in ops for name, dtype, _ in op.outputs}
+        return Function(fname, inputs, states, ops, {name: declared[name] for name in block.outputs})
+
+    def make_state(self, function: str) -> dict[str, np.ndarray]:
+        """Fresh state buffers for a function (Core ML leaves their content undefined; here zeros)."""
+        return {name: np.zeros(shape, dtype) for name, (dtype, shape) in self.functions[function].states.items()}
+
+    def run(self, function: str, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict:
+        """Run one function; `state` arrays are read and replaced in place. Outputs in their declared dtype."""
+        f = self.functions[function]
+        env: dict[str, Any] = {}
+        for name, (dtype, shape) in f.inputs.items():
+            value = np.asarray(inputs[name])
+            if value.dtype != dtype or value.shape != shape:
+                raise EdgekvError(f"input '{name}' of '{function}' must be {dtype}{list(shape)}, "
+                                  f"got {value.dtype}{list(value.shape)}")
+            env[name] = _compute(value)
+        for name, (dtype, shape) in f.states.items():
+            if state[name].dtype != dtype or state[name].shape != shape:
+                raise EdgekvError(f"state '{name}' of '{function}' must be {dtype}{list(shape)}")
+
+        def resolve(a):
+            return [resolve(x) for x in a] if isinstance(a, list) else (env[a[1]] if a[0] == "ref" else a[1])
+
+        for op in f.ops:
+            if op.type == "read_state":
+                result = _compute(state[op.args["input"][1]])
+            elif op.type == "write_state":
+                name = op.args["input"][1]
+                state[name][...] = resolve(op.args["data"]).astype(state[name].dtype)
+                continue
+            else:
+                try:
+                    result = op.fn(**{k: resolve(v) for k, v in op.args.items()})
+                except Unsupported as e:
+                    raise EdgekvError(f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
+                                      "implemented by the NumPy executor") from None
+            name, dtype, shape = op.outputs[0]
+            env[name] = _conform(np.asarray(result), dtype, shape, op, function)
+        return {name: env[name].astype(dtype) for name, dtype in f.outputs.items()}
+
+
+def _conform(value: np.ndarray, dtype: np.dtype, shape: tuple | None, op: _Op, function: str) -> np.ndarray:
+    """Round an fp16 result to fp16; check every result against the program's declared dtype and shape."""
+    if dtype == FP16:
+        if value.dtype != np.float32:
+            raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave {value.dtype} for an fp16 output")
+        with np.errstate(over="ignore"):  # past 65504 is inf, as in fp16
+            value = value.astype(FP16).astype(np.float32)
+    elif value.dtype != dtype:
+        raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave {value.dtype}, declared {dtype}")
+    if shape is not None and value.shape != shape:
+        raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave shape {list(value.shape)}, "
+                          f"declared {list(shape)}")
+    return value
