@@ -20,10 +20,12 @@ from exporter.manifest import read_manifest
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "shakespeare-excerpt.txt"
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
-# Core ML computes in fp16 (10-bit mantissa): a 30-layer model accumulates relative errors of a few
-# 1e-2 in its logits. Bound: 5e-2 x logit scale and 97% top-1; measured once Core ML runs (macOS).
-FP16_REL_TOL = 5e-2
-FP16_TOP1 = 0.97
+# Core ML computes in fp16 (10-bit mantissa). Measured with the NumPy MIL executor on SmolLM2 (S=4, W=60,
+# shakespeare): max |Δ| 3.6e-3 x scale over 200 tokens and 5.5e-3 over 700 (ten wraps), top-1 100% and
+# 99.7%; tiny configs 1e-3. The bound leaves ~4x headroom because Core ML's accumulation precision on the
+# GPU and Neural Engine is undocumented and may be coarser than the executor's fp32 accumulation.
+FP16_REL_TOL = 2e-2
+FP16_TOP1 = 0.98
 FP32_RUNS = {"reference", "onnxruntime"}  # the comparison runs; artifact runs are named after their target
 
 
