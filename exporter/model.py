@@ -208,7 +208,7 @@ class StreamingLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         if self.last_logits_only:
             logits = logits.view(1, -1)
-        return logits, torch.stack([torch.stack(new_k), torch.stack(new_v)])
+        return logits, torch.stack(new_k + new_v).view(kv_cache.shape)  # one pass over the cache, not two
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, OpenVINO)."""
