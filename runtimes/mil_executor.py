@@ -83,6 +83,19 @@ def _reshape(x, shape):
     return x.reshape([x.shape[i] if s == 0 else int(s) for i, s in enumerate(shape)])
 
 
+def _split(x, axis, num_splits=None, split_sizes=None):
+    axis = int(axis)
+    if split_sizes is None:
+        if x.shape[axis] % int(num_splits):
+            raise Unsupported(f"num_splits={int(num_splits)} not dividing a dimension of {x.shape[axis]}")
+        return np.split(x, int(num_splits), axis=axis)
+    return np.split(x, np.cumsum([int(n) for n in split_sizes])[:-1], axis=axis)
+
+
+def _squeeze(x, axes=None):
+    return np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in axes))
+
+
 def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     index = []
     for i in range(x.ndim):
@@ -161,6 +174,8 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
     "reshape": _reshape,
     "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
     "slice_by_index": _slice_by_index,
+    "split": _split,
+    "squeeze": _squeeze,
     "gather": _gather,
     "linear": _linear,
     "matmul": _matmul,
@@ -175,7 +190,8 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
 STATE_OPS = ("read_state", "write_state")
 # Ops that only move values: MIL types their fp16 output from fp16 inputs, which already hold fp16 values,
 # so rounding their result again would change nothing (it is a third of the executor's time on SmolLM2).
-MOVES = {"read_state", "reshape", "transpose", "slice_by_index", "concat", "stack", "expand_dims", "gather"}
+MOVES = {"read_state", "reshape", "transpose", "slice_by_index", "split", "squeeze", "concat", "stack", "expand_dims",
+         "gather"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +330,12 @@ class MILProgram:
                 except Unsupported as e:
                     raise EdgekvError(f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
                                       "implemented by the NumPy executor") from None
-            name, dtype, shape = op.outputs[0]
-            env[name] = _conform(np.asarray(result), dtype, shape, op, function)
+            results = result if isinstance(result, list) else [result]  # split has one output per piece
+            if len(results) != len(op.outputs):
+                raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave {len(results)} outputs, "
+                                  f"declared {len(op.outputs)}")
+            for (name, dtype, shape), value in zip(op.outputs, results, strict=True):
+                env[name] = _conform(np.asarray(value), dtype, shape, op, function)
         return {name: env[name].astype(dtype) for name, dtype in f.outputs.items()}
 
 

@@ -157,6 +157,17 @@ def test_shape_ops(tmp_path):
     np.testing.assert_array_equal(got, want.numpy())
 
 
+def test_split_and_squeeze(tmp_path):
+    x = rand((6, 4, 1), F16)
+    program = build(tmp_path, [(x.shape, F16)], lambda a: (
+        *mb.split(x=a, num_splits=3, axis=0), *mb.split(x=mb.squeeze(x=a, axes=[-1]), split_sizes=[1, 3], axis=1)))
+    got = list(program.run("main", {"a": x}, {}).values())
+    want = [*torch.chunk(t(x), 3, 0), *torch.split(t(x).squeeze(-1), [1, 3], 1)]
+    assert len(got) == 5
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w.numpy())
+
+
 def test_slice_by_index_with_masks_and_strides(tmp_path):
     x = rand((5, 6, 7), F32)
     body = lambda a: mb.slice_by_index(  # noqa: E731
