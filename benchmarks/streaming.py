@@ -31,7 +31,7 @@ HF_POSITIONS = (1024, 4096, 8192)
 def export_missing(out: Path) -> None:
     for target in TARGETS:
         if not (out / target / "edgekv.json").is_file():
-            print(f"exporting SmolLM2 to {target} (ExecuTorch takes ~8 minutes)", file=sys.stderr)
+            print(f"exporting SmolLM2 to {target} (ExecuTorch takes ~4 minutes)", file=sys.stderr)
             subprocess.run([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--out", str(out)],
                            check=True)
 

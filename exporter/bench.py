@@ -139,7 +139,8 @@ def main(args: argparse.Namespace) -> int:
 
 def report(r: dict) -> str:
     prefill = f"{r['prefill_tok_s']:.0f} tok/s" if r["prefill_tok_s"] else "n/a"
-    target = r["target"] if r["executor"] == r["target"] else f"{r['target']} via {r['executor']}, not its speed"
+    executor = r.get("executor", r["target"])  # the benchmark script's transformers row has none
+    target = r["target"] if executor == r["target"] else f"{r['target']} via {executor}, not its speed"
     rows = [f"{r['artifact']} ({target}, {r['size_mb']:.1f} MB, cache {r['sink']}+{r['window']}): "
             f"prefill {prefill} (chunk {r['chunk']}), decode {r['decode_tok_s']:.1f} tok/s after the ring fills",
             "  position     " + "".join(f"{p:>12}" for p in r["positions"]),
