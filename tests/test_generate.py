@@ -99,3 +99,18 @@ def test_bench_refuses_a_stream_shorter_than_the_cache(tiny):
 def test_generate_bad_sampling_arguments(tiny):
     folders, _ = tiny
     one_line_error(edgekv("generate", str(folders["onnx"]), "--prompt", "w1", "--top-p", "0"), "--top-p")
+
+
+@pytest.mark.parametrize("executor,says", [(None, "(transformers, 0.0 MB"),
+                                           ("numpy-mil", "(coreml via numpy-mil, not its speed")])
+def test_bench_report_names_who_ran_it(executor, says):
+    from exporter.bench import report
+
+    row = {"artifact": "a", "target": "transformers", "size_mb": 0.0, "sink": 0, "window": 8, "chunk": 4,
+           "prefill_tok_s": None, "decode_tok_s": 2.0, "positions": [8, 16], "ms_per_token": [500.0, 510.0],
+           "ms_p10": [490.0, 500.0], "ms_p90": [520.0, 530.0], "rss_mb": [100.0, 100.0], "flat_ms_ratio": 1.02,
+           "rss_growth": 0.0}
+    if executor:  # a Core ML folder on Linux: numbers from the NumPy MIL executor
+        row.update(target="coreml", executor=executor)
+    text = report(row)
+    assert says in text and "x1.020" in text and "prefill n/a" in text
