@@ -12,6 +12,7 @@ from pathlib import Path
 
 from exporter.config import EdgekvError, cache_sizes
 from exporter.manifest import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES, edgekv_version, file_digest, special_tokens
+from exporter.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, NONE, SCHEMES, Quantization, check_quantization
 from exporter.targets import TARGETS, ExportSpec, target_module
 
 DEFAULT_CHUNK = 64
@@ -24,7 +25,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="window slots W (default 1020 or the model's sliding_window)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"tokens per prefill call (default {DEFAULT_CHUNK})")
-    p.add_argument("--out", type=Path, default=Path("out"), help="artifacts go to OUT/<target>/ (default ./out)")
+    p.add_argument("--quantize", choices=SCHEMES, default="none",
+                   help="weight quantization, with each target's own tool (default none: fp32, Core ML fp16)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                   help=f"input channels per weight scale (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="artifacts go to OUT/<target>/, or OUT/<target>-<scheme>/ when quantized (default ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
 
@@ -41,23 +47,26 @@ class Progress:
 
 def main(args: argparse.Namespace) -> int:
     targets = list(TARGETS) if args.target == "all" else [args.target]
+    quant = Quantization(args.quantize, args.group_size)
+    folders = {t: args.out / (t if quant.scheme == "none" else f"{t}-{quant.scheme}") for t in targets}
     if args.chunk < 1:
         raise EdgekvError(f"--chunk must be >= 1, got {args.chunk}")
-    for t in targets:  # refuse before any work starts
-        if (args.out / t).exists() and not args.force:
-            raise EdgekvError(f"{args.out / t} exists; pass --force to replace it or choose another --out")
+    for folder in folders.values():  # refuse before any work starts
+        if folder.exists() and not args.force:
+            raise EdgekvError(f"{folder} exists; pass --force to replace it or choose another --out")
 
     from exporter.loaders import build_model, load_checkpoint
 
     log = Progress("export")
     ckpt = load_checkpoint(args.model)
     sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
+    check_quantization(quant, ckpt.config)
     log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), S={sink} W={window}")
     model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True)
     base = manifest_base(ckpt, sink, window, args.chunk)
     log("model loaded")
     for t in targets:
-        path = export_one(model, ckpt, t, args.out / t, base, args.chunk)
+        path = export_one(model, ckpt, t, folders[t], base, args.chunk, quant)
         print(path)
     return 0
 
@@ -83,7 +92,8 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
     }
 
 
-def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int) -> Path:
+def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE
+               ) -> Path:
     """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact."""
     module = target_module(target)
     log = Progress(target)
@@ -93,7 +103,7 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int) -> P
     tmp.mkdir()
     try:
         try:
-            entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log))
+            entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant))
         except EdgekvError:
             raise
         except Exception as e:

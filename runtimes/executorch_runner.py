@@ -15,6 +15,9 @@ class ExecuTorchRunner(Runner):
         super().__init__(folder, manifest)
         from executorch.runtime import Runtime
 
+        if manifest.get("quantization", {}).get("scheme", "none") != "none":
+            import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
+
         program = Runtime.get().load_program(str(self.folder / manifest["files"]["model"]))
         self.methods = {1: program.load_method("decode"), self.chunk: program.load_method("prefill")}
 

@@ -148,6 +148,23 @@ def _rsqrt(x, epsilon=1e-12):
         return np.float32(1) / np.sqrt(x + epsilon)
 
 
+def _blockwise_shift_scale(data, scale, offset=None):
+    """iOS 18 weight dequantization: scale * (data - offset), each scale (and offset) entry covering a block of
+    data.shape / scale.shape elements (the ratio along every axis)."""
+    if data.ndim != scale.ndim or any(d % s for d, s in zip(data.shape, scale.shape, strict=True)):
+        raise Unsupported(f"scale of shape {list(scale.shape)} for data of shape {list(data.shape)}")
+
+    def spread(t):
+        for axis, (d, s) in enumerate(zip(data.shape, t.shape, strict=True)):
+            t = np.repeat(t, d // s, axis=axis)
+        return t
+
+    values = data.astype(np.float32)
+    if offset is not None:
+        values = values - spread(offset.astype(np.float32))
+    return values * spread(scale.astype(np.float32))
+
+
 OPS: dict[str, Callable[..., np.ndarray]] = {
     "add": lambda x, y: x + y,
     "sub": lambda x, y: x - y,
@@ -186,6 +203,7 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
     "rsqrt": _rsqrt,
     "softmax": _softmax,
     "silu": _silu,
+    "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
 STATE_OPS = ("read_state", "write_state")
 # Ops that only move values: MIL types their fp16 output from fp16 inputs, which already hold fp16 values,
@@ -246,6 +264,7 @@ class MILProgram:
             raise EdgekvError(f"{package}: not an ML program (the NumPy executor runs ML programs only)")
         self._context = TranscriptionContext(str(self.package / "Data" / "com.apple.CoreML" / "weights"))
         self._blobs: dict[tuple[str, int], np.ndarray] = {}  # weights shared between functions load once
+        self._folded: dict[tuple[int, ...], np.ndarray] = {}  # dequantized weights, by their inputs' identity
         self.functions = {name: self._load_function(name, f) for name, f in spec.mlProgram.functions.items()}
 
     def _value(self, value_spec):
@@ -292,9 +311,25 @@ class MILProgram:
             args = {k: [arg(a) for a in v.arguments] for k, v in op.inputs.items()}
             args = {k: v if k == "values" else v[0] for k, v in args.items()}  # only concat/stack are variadic
             outputs = [(o.name, *_tensor_type(o.type)) for o in op.outputs]
-            ops.append(_Op(op.type, op.outputs[0].name if op.outputs else op.type, args, outputs, fn))
+            new = _Op(op.type, op.outputs[0].name if op.outputs else op.type, args, outputs, fn)
+            if op.type.startswith("constexpr_"):  # weights: computed once, at load, as Core ML does
+                consts[new.name] = self._fold(new, fname)
+            else:
+                ops.append(new)
         declared = {name: dtype for op in ops for name, dtype, _ in op.outputs}
         return Function(fname, inputs, states, ops, {name: declared[name] for name in block.outputs})
+
+    def _fold(self, op: _Op, function: str) -> np.ndarray:
+        key = tuple(id(v[1]) for v in op.args.values())
+        if key not in self._folded:
+            try:
+                value = op.fn(**{k: v[1] for k, v in op.args.items()})
+            except Unsupported as e:
+                raise EdgekvError(f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
+                                  "implemented by the NumPy executor") from None
+            (_, dtype, shape), = op.outputs
+            self._folded[key] = _conform(value, dtype, shape, op, function)
+        return self._folded[key]
 
     def make_state(self, function: str) -> dict[str, np.ndarray]:
         """Fresh state buffers for a function (Core ML leaves their content undefined; here zeros)."""

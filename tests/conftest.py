@@ -65,6 +65,15 @@ def smollm2_text_ids(smollm2):
     return read_tokens(load_tokenizer(smollm2.tokenizer_dir), TEXT, 2000)
 
 
+@pytest.fixture(scope="session")
+def smol_artifacts(tmp_path_factory):
+    """SmolLM2 exported to every target (fp32; Core ML fp16) with a small ring: S=4, W=60, chunk 16."""
+    out = tmp_path_factory.mktemp("smol")
+    r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
 def edgekv(*args: str, timeout: int = 1800, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,

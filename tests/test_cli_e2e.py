@@ -16,14 +16,6 @@ from runtimes.reference_runner import ReferenceRunner
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 
-@pytest.fixture(scope="module")
-def smol_artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol")
-    r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_smollm2_exports_and_validates(smol_artifacts, target):
     r = edgekv("validate", str(smol_artifacts / target), "--json")

@@ -12,6 +12,7 @@ import torch
 
 from exporter.config import EdgekvError
 from exporter.model import StreamingLM
+from exporter.quantize import NONE, Quantization
 
 TARGETS = {
     "executorch": "exporter.targets.executorch",
@@ -25,6 +26,7 @@ TARGETS = {
 class ExportSpec:
     chunk: int  # tokens per prefill call
     log: callable = print  # progress lines ("trace", "lower", ...) go here
+    quant: Quantization = NONE  # weight quantization (exporter/quantize.py)
 
 
 def target_module(name: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from exporter.model import StreamingLM
+from exporter.quantize import Quantization
 from exporter.targets import ExportSpec, io_entry, require, trace
 
 FP16_MAX = 65504.0
@@ -21,6 +22,22 @@ def _fp16_warnings(model: StreamingLM) -> None:
     if worst[0] > FP16_MAX:
         warnings.warn(f"{worst[1]} holds {worst[0]:.3g}, beyond fp16's range: Core ML outputs will overflow",
                       stacklevel=2)
+
+
+def quantize(mlmodel, vocab: int, quant: Quantization):
+    """coremltools.optimize: symmetric int4/int8 weights with one fp16 scale per block of `group_size` input
+    channels (iOS 18's constexpr_blockwise_shift_scale), for every linear layer and the embedding table.
+    The rotary tables, also gathered from constants, stay fp16: only the gather from the [vocab, hidden]
+    table is named."""
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    op = OpLinearQuantizerConfig(mode="linear_symmetric", dtype=quant.scheme, granularity="per_block",
+                                 block_size=[1, quant.group_size], weight_threshold=0)
+    embedding = [o.name for o in mlmodel._mil_program.functions["main"].operations
+                 if o.op_type == "gather" and o.x.op is not None and o.x.op.op_type == "const"
+                 and o.x.shape[0] == vocab]
+    config = OptimizationConfig(op_type_configs={"linear": op}, op_name_configs={name: op for name in embedding})
+    return linear_quantize_weights(mlmodel, config)
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
@@ -44,6 +61,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
                 compute_precision=ct.precision.FLOAT16,
                 convert_to="mlprogram",
             )
+            if spec.quant.bits:
+                mlmodel = quantize(mlmodel, model.cfg.vocab_size, spec.quant)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel, program
@@ -60,4 +79,9 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "state": [io_entry("cache", "kv_cache", "float16", list(shape))],
         "compute_precision": "float16",
         "minimum_deployment_target": "iOS18",
+        "quantization": spec.quant.manifest(
+            "coremltools.optimize linear_quantize_weights" if spec.quant.bits else "none",
+            f"{spec.quant.scheme} symmetric, fp16 scale per {spec.quant.group_size} input channels, linear layers "
+            "and embedding (constexpr_blockwise_shift_scale)" if spec.quant.bits else "float16",
+            "float16", "float16"),
     }

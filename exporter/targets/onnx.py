@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 
 from exporter.model import StreamingLM
+from exporter.quantize import Quantization
 from exporter.targets import ExportSpec, io_entry, require
 
 
@@ -37,9 +41,100 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int) -> None:
     program.save(str(path), external_data=big)
 
 
+def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-group quantization of the rows of w [N, K]: integers in [-2^(b-1), 2^(b-1) - 1] and
+    fp32 scales [N, K / group], with w ~= q * scale."""
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.reshape(w.shape[0], -1, group)
+    scale = np.abs(blocks).max(-1) / qmax
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(blocks / scale[..., None]), -qmax - 1, qmax).astype(np.int16)
+    return q.reshape(w.shape), scale.astype(np.float32)
+
+
+def quantized_gather(node, table: np.ndarray, quant: Quantization, graph) -> list:
+    """Gather from a constant table [V, H] -> com.microsoft GatherBlockQuantized (onnxruntime's quantizer only
+    writes the 4-bit form): uint8 data offset by 2^(bits-1), the op's default zero point, as MatMulNBits stores
+    symmetric weights; 4-bit values packed two per byte, low nibble first."""
+    q, scale = block_quantize(table, quant.bits, quant.group_size)
+    u = (q + 2 ** (quant.bits - 1)).astype(np.uint8)
+    if quant.bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    name = node.input[0]
+    graph.initializer.extend([numpy_helper.from_array(u, f"{name}_q{quant.bits}"),
+                              numpy_helper.from_array(scale, f"{name}_scales")])
+    return [gather_block_quantized(node, f"{name}_q{quant.bits}", f"{name}_scales", quant)]
+
+
+def gather_block_quantized(node, data: str, scales: str, quant: Quantization):
+    return onnx.helper.make_node(
+        "GatherBlockQuantized", [data, node.input[1], scales], list(node.output), name=f"{node.name}_q",
+        domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=quant.group_size, bits=quant.bits)
+
+
+def tied_gather(node, matmul, vocab: int, quant: Quantization) -> list:
+    """The lookup reads the output projection's MatMulNBits weights ([V, H/g, g*b/8] bytes and [V*H/g]
+    scales, the same values in the layout GatherBlockQuantized reads) through two Reshapes, which
+    onnxruntime folds at load: a tied table is stored once."""
+    shape = f"{node.name}_rows"
+    reshapes = [onnx.helper.make_node("Constant", [], [shape], value=numpy_helper.from_array(
+        np.array([vocab, -1], dtype=np.int64)))]
+    for i, part in ((1, "data"), (2, "scales")):
+        reshapes.append(onnx.helper.make_node("Reshape", [matmul.input[i], shape], [f"{node.name}_{part}"]))
+    return [*reshapes, gather_block_quantized(node, f"{node.name}_data", f"{node.name}_scales", quant)]
+
+
+def quantize_onnx(path: Path, quant: Quantization) -> None:
+    """Weights of every MatMul -> MatMulNBits (onnxruntime's quantizer; accuracy level 4: int8 activations in
+    the product), the embedding lookup -> GatherBlockQuantized. In place."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    tables = {t.name: t for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    tied = {}  # table -> the MatMul that reads it transposed (the tied output projection)
+    for node in list(graph.node):
+        source = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        # The tied projection reads the embedding through a Transpose: fold it, so the quantizer sees a weight.
+        if source is not None and source.op_type == "Transpose" and source.input[0] in tables:
+            w = numpy_helper.to_array(tables[source.input[0]])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{source.input[0]}_t"))
+            node.input[1] = f"{source.input[0]}_t"
+            tied[source.input[0]] = node.output[0]
+            if not any(source.output[0] in n.input for n in graph.node):
+                graph.node.remove(source)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=quant.group_size, is_symmetric=True, accuracy_level=4, bits=quant.bits,
+        op_types_to_quantize=("MatMul",)))
+    quantizer.process()
+    graph = quantizer.model.model.graph
+    tables = {t.name: t for t in graph.initializer}
+    by_output = {n.output[0]: n for n in graph.node}
+    for node in list(graph.node):
+        if node.op_type == "Gather" and node.input[0] in tables:
+            table = numpy_helper.to_array(tables[node.input[0]])
+            if node.input[0] in tied and by_output[tied[node.input[0]]].op_type == "MatMulNBits":
+                new = tied_gather(node, by_output[tied[node.input[0]]], table.shape[0], quant)
+            else:
+                new = quantized_gather(node, table, quant, graph)
+            at = list(graph.node).index(node)
+            graph.node.remove(node)
+            for i, n in enumerate(new):
+                graph.node.insert(at + i, n)
+    result = ONNXModel(quantizer.model.model)
+    result.remove_unused_constant()  # the fp32 weights
+    result.save_model_to_file(str(path), use_external_data_format=result.model.ByteSize() > 1.8e9)
+
+
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     write_onnx(model, out_dir / "model.onnx", spec.chunk)
     spec.log("converted to ONNX")
+    quant = spec.quant
+    if quant.bits:
+        quantize_onnx(out_dir / "model.onnx", quant)
+        spec.log(f"quantized weights to {quant.scheme} (MatMulNBits, GatherBlockQuantized)")
     files = {"model": "model.onnx"}
     if (out_dir / "model.onnx.data").exists():
         files["external_data"] = "model.onnx.data"
@@ -53,4 +148,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
                     io_entry("cache", "kv_cache_out", "float32", cache)],
         "state": [],
         "compute_precision": "float32",
+        "quantization": quant.manifest(
+            "onnxruntime MatMulNBits (accuracy level 4) + GatherBlockQuantized" if quant.bits else "none",
+            f"{quant.scheme} symmetric, groups of {quant.group_size}" if quant.bits else "float32",
+            "int8 per block in the products" if quant.bits else "float32", "float32"),
     }

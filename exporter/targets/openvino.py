@@ -6,8 +6,21 @@ import tempfile
 from pathlib import Path
 
 from exporter.model import StreamingLM
+from exporter.quantize import Quantization
 from exporter.targets import ExportSpec, io_entry, require
 from exporter.targets.onnx import write_onnx
+
+NNCF_MODE = {"int8": "INT8_SYM", "int4": "INT4_SYM"}
+
+
+def compress(ir, quant: Quantization):
+    """NNCF weight compression: every MatMul and the (tied) embedding, data-free. `all_layers` keeps NNCF from
+    leaving the embedding and the output projection in int8 backup precision under int4."""
+    nncf = require("nncf", "nncf==3.4.0")
+    mode = getattr(nncf.CompressWeightsMode, NNCF_MODE[quant.scheme])
+    if quant.bits == 4:
+        return nncf.compress_weights(ir, mode=mode, group_size=quant.group_size, ratio=1.0, all_layers=True)
+    return nncf.compress_weights(ir, mode=mode)
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
@@ -20,6 +33,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         spec.log("converted to ONNX")
         ir = ov.convert_model(str(onnx_path))
     apply_make_stateful_transformation(ir, {"kv_cache": "kv_cache_out"})
+    quant = spec.quant
+    if quant.bits:
+        ir = compress(ir, quant)
+        spec.log(f"compressed weights to {quant.scheme} with NNCF")
     ov.save_model(ir, str(out_dir / "model.xml"), compress_to_fp16=False)  # keep fp32 weights
     spec.log("converted to OpenVINO IR (stateful)")
     return {
@@ -29,4 +46,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size])],
         "state": [io_entry("cache", "kv_cachekv_cache_out", "float32", list(model.kv_cache.shape))],
         "compute_precision": "float32",
+        "quantization": quant.manifest(
+            f"NNCF {NNCF_MODE.get(quant.scheme, 'none')}", {
+                "int4": f"int4 symmetric, groups of {quant.group_size}, all layers incl. embedding and output",
+                "int8": "int8 symmetric, one scale per output channel, all layers incl. embedding and output",
+            }.get(quant.scheme, "float32"), "float32 (the CPU plugin may compute int8 products)", "float32",
+            grouped=quant.bits == 4),
     }

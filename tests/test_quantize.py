@@ -1,0 +1,137 @@
+"""`edgekv export --quantize`: every target, int8 and int4, on a tiny random model (weights that never were
+4-bit) and on SmolLM2; validated by perplexity and top-1 against fp32, and measured for size."""
+
+import json
+import random
+
+import pytest
+
+from exporter.validate import QUANT_BOUNDS
+from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
+
+SCHEMES = ("int8", "int4")
+TARGETS = (*RUNNABLE, "coreml")
+SIZE_GOAL = {"int8": 0.30, "int4": 0.20}  # x the unquantized fp32 artifact of the same target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tied-embedding Llama (hidden 64: one group of 32 splits every row) and a text of random tokens, so
+    the prediction changes with every position (the shipped text is all unknown words for this vocabulary)."""
+    tmp = tmp_path_factory.mktemp("tinyq")
+    folder = make_tiny("llama", tmp / "hf", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    rng = random.Random(0)
+    text = tmp / "words.txt"
+    text.write_text(" ".join(f"w{rng.randrange(128)}" for _ in range(300)))
+    for scheme in SCHEMES:
+        r = edgekv("export", "--target", "all", "--model", str(folder), "--sink", "2", "--window", "12",
+                   "--chunk", "4", "--quantize", scheme, "--out", str(tmp / "out"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "out", text
+
+
+def quantized_pair(result: dict, scheme: str) -> dict:
+    """The pair of the quantized run against the fp32 reference."""
+    (pair,) = [p for p in result["pairs"] if p["a"] == "reference" and p["b"].endswith(f"-{scheme}")]
+    return pair
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_tiny_quantized_export_validates(tiny, target, scheme):
+    out, text = tiny
+    manifest = json.loads((out / f"{target}-{scheme}" / "edgekv.json").read_text())
+    assert manifest["quantization"]["scheme"] == scheme
+    (cache,) = [t for t in manifest["state"] + manifest["inputs"] if t["role"] == "cache"]
+    assert manifest["quantization"]["cache_dtype"] == cache["dtype"]
+    r = edgekv("validate", str(out / f"{target}-{scheme}"), "--text", str(text), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["ok"] and result["quantization"] == scheme and result["tokens"] == 2 + 3 * 12 + 4
+    pair = quantized_pair(result, scheme)
+    bound = QUANT_BOUNDS[scheme]
+    assert pair["ppl_ratio"] <= 1 + bound["ppl_increase"] and pair["top1_agreement"] >= bound["top1"]
+    # Really quantized (the logits moved), and by about what the scheme allows: measured int8 ~5e-3 and
+    # int4 ~6e-2 of the logit scale on this model.
+    assert {"int8": 1e-3, "int4": 1e-2}[scheme] < pair["rel_diff"] < {"int8": 2e-2, "int4": 2e-1}[scheme]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_coreml_package_carries_quantized_weights(tiny, scheme):
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    out, _ = tiny
+    spec = ct.utils.load_spec(str(out / f"coreml-{scheme}" / "model.mlpackage"))
+    for name, f in spec.mlProgram.functions.items():
+        ops = f.block_specializations[f.opset].operations
+        consts = {o.outputs[0].name: o for o in ops if o.type == "const"}
+        dequant = {o.outputs[0].name: o for o in ops if o.type == "constexpr_blockwise_shift_scale"}
+        weights = [o.inputs["weight"].arguments[0].name for o in ops if o.type == "linear"]
+        tables = [o.inputs["x"].arguments[0].name for o in ops if o.type == "gather"]
+        assert len(weights) == 2 * 7 + 1 and set(weights) <= set(dequant), name  # every linear layer
+        assert len(set(tables) & set(dequant)) == 1, name  # and the (tied) embedding table
+
+        def tensor_type(op, key):  # an input given by name (a const op) or inline
+            arg = op.inputs[key].arguments[0]
+            return (consts[arg.name].outputs[0].type if arg.name else arg.value.type).tensorType
+
+        for o in dequant.values():
+            data, scale = tensor_type(o, "data"), tensor_type(o, "scale")
+            assert MIL_pb2.DataType.Name(data.dataType) == scheme.upper(), name
+            rows, cols = (d.constant.size for d in data.dimensions)
+            assert [d.constant.size for d in scale.dimensions] == [rows, cols // 32]
+
+
+def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):
+    folder = make_tiny("qwen2", tmp_path / "hf")  # hidden 48
+    r = edgekv("export", "--target", "onnx", "--model", str(folder), "--quantize", "int4", "--out",
+               str(tmp_path / "out"))
+    one_line_error(r, "--group-size 32 does not divide hidden_size 48")
+    assert not (tmp_path / "out").exists()
+    one_line_error(edgekv("export", "--target", "onnx", "--quantize", "int4", "--group-size", "16"),
+                   "argument --group-size: invalid choice: 16")
+    one_line_error(edgekv("export", "--target", "onnx", "--quantize", "int2"), "argument --quantize: invalid choice")
+
+
+def test_validate_refuses_a_mismatched_unquantized_twin(tiny):
+    out, text = tiny
+    r = edgekv("validate", str(out / "onnx-int4"), "--unquantized", str(out / "onnx-int8"), "--text", str(text))
+    one_line_error(r, "onnx-int8 is quantized; --unquantized takes an export made without --quantize")
+
+
+# --- SmolLM2 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_quantized(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smolq")
+    for scheme in SCHEMES:
+        r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--quantize", scheme,
+                   "--out", str(out))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def weight_bytes(folder) -> int:
+    """Bytes of the model files (what quantization shrinks; the tokenizer is the same in every folder)."""
+    manifest = json.loads((folder / "edgekv.json").read_text())
+    paths = [folder / name for role, name in manifest["files"].items() if role in ("model", "weights",
+                                                                                  "external_data")]
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_smollm2_quantized_validates_and_shrinks(smol_artifacts, smol_quantized, target, scheme):
+    folder = smol_quantized / f"{target}-{scheme}"
+    r = edgekv("validate", str(folder), "--unquantized", str(smol_artifacts / target), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["ok"] and result["tokens"] == 4 + 3 * 60 + 16
+    pair = quantized_pair(result, scheme)
+    assert pair["ppl_ratio"] <= 1 + QUANT_BOUNDS[scheme]["ppl_increase"]
+    assert pair["top1_agreement"] >= QUANT_BOUNDS[scheme]["top1"]
+    # Core ML's unquantized package is fp16: the fp32 baseline is twice its weight bytes.
+    fp32 = weight_bytes(smol_artifacts / target) * (2 if target == "coreml" else 1)
+    assert weight_bytes(folder) <= SIZE_GOAL[scheme] * fp32
