@@ -1,12 +1,15 @@
-"""Constant memory, measured: every runnable edgekv artifact of SmolLM2 (fp32) side by side with Hugging
-Face transformers' eager model and its growing cache, and the machine's memory read bandwidth.
+"""Constant memory, measured: every runnable edgekv artifact of SmolLM2 (fp32, int8, int4) side by side with
+Hugging Face transformers' eager model and its growing cache, llama.cpp on the same GGUF (where
+llama-cpp-python is installed), and the machine's memory read bandwidth; then perplexity of each artifact.
 
     python benchmarks/streaming.py [--out out/bench] [--tokens 50000] [--json FILE] [--plot FILE.png]
+                                   [--schemes none,int8,int4] [--ppl-tokens 2000] [--skip speed|quality]
 
 Exports the missing artifacts first (default cache: 4 sink + 1020 window slots, chunk 64), then streams
 each one through --tokens positions in its own process, timing one-token decode at the positions below.
-transformers runs the same tokens up to its trained context (8,192) with its DynamicCache. Medians and
+transformers and llama.cpp run the same tokens up to 8,192 with their growing caches. Medians and
 ratios all come from this one run: the machine is shared and noisy, so compare within a run only.
+Quality: perplexity of ../shared/data/tinyshakespeare.txt (sink mode, the artifact's cache), per artifact.
 """
 
 from __future__ import annotations
@@ -26,14 +29,55 @@ from exporter.bench import bench_artifact, in_fresh_process, peak_rss_mb, plot, 
 
 TARGETS = ("executorch", "onnx", "openvino")
 HF_POSITIONS = (1024, 4096, 8192)
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def export_missing(out: Path) -> None:
-    for target in TARGETS:
-        if not (out / target / "edgekv.json").is_file():
-            print(f"exporting SmolLM2 to {target} (ExecuTorch takes ~4 minutes)", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--out", str(out)],
-                           check=True)
+def folder_name(target: str, scheme: str) -> str:
+    return target if scheme == "none" else f"{target}-{scheme}"
+
+
+def export_missing(out: Path, schemes: list[str]) -> None:
+    for scheme in schemes:
+        for target in TARGETS:
+            if not (out / folder_name(target, scheme) / "edgekv.json").is_file():
+                print(f"exporting SmolLM2 to {target} ({scheme}; ExecuTorch takes 4-7 minutes)", file=sys.stderr)
+                subprocess.run([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--quantize",
+                                scheme, "--out", str(out)], check=True)
+
+
+def bench_llamacpp(positions: list[int], steps: int, threads: int) -> dict:
+    """llama.cpp (llama-cpp-python) on the GGUF edgekv loads by default, `threads` threads, its own KV cache."""
+    from llama_cpp import Llama, __version__
+
+    from exporter.loaders import load_checkpoint, load_tokenizer
+
+    ckpt = load_checkpoint()
+    llm = Llama(model_path=str(ckpt.files[0]), n_ctx=positions[-1] + steps + 64, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)
+    ids = stream_ids(load_tokenizer(ckpt.tokenizer_dir), positions[-1] + steps)
+    llm.reset()
+    ms, lo, hi, rss = [], [], [], []
+    for p in positions:
+        if llm.n_tokens < p:
+            llm.eval(ids[llm.n_tokens:p])  # fill in batches of n_batch; not timed
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            llm.eval([ids[llm.n_tokens]])
+            times.append(time.perf_counter() - start)
+        ms.append(1e3 * float(np.median(times)))
+        lo.append(1e3 * float(np.percentile(times, 10)))
+        hi.append(1e3 * float(np.percentile(times, 90)))
+        rss.append(peak_rss_mb())
+    return {"artifact": f"llama.cpp ({ckpt.files[0].name})", "target": "llama.cpp", "name": "llama.cpp",
+            "positions": positions, "ms_per_token": ms, "ms_p10": lo, "ms_p90": hi, "rss_mb": rss,
+            "threads": threads, "llama_cpp_python_version": __version__}
+
+
+def artifact_ppl(folder: Path, tokens: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "exporter.cli", "ppl", str(folder), "--text", str(TEXT),
+                        "--tokens", str(tokens), "--json"], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
 
 
 def bench_transformers(positions: list[int], steps: int) -> dict:
@@ -96,64 +140,107 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="artifact folder root (default out/bench)")
     p.add_argument("--tokens", type=int, default=50_000, help="stream length for the edgekv artifacts")
     p.add_argument("--steps", type=int, default=32, help="decode calls timed per position")
+    p.add_argument("--schemes", default="none,int8,int4", help="weight quantizations to include")
+    p.add_argument("--ppl-tokens", type=int, default=2000, help="tokens of tinyshakespeare scored per artifact")
+    p.add_argument("--skip", choices=("speed", "quality"), help="leave out one half of the benchmark")
     p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     p.add_argument("--plot", type=Path, help="write ms/token and RSS against position to this PNG")
     args = p.parse_args()
+    schemes = args.schemes.split(",")
 
-    export_missing(args.out)
-    capacity = json.loads((args.out / "onnx" / "edgekv.json").read_text())
-    capacity = capacity["sink"] + capacity["window"]
+    export_missing(args.out, schemes)
+    folders = [args.out / folder_name(t, s) for s in schemes for t in TARGETS]
+    record = {}
+    if args.skip != "speed":
+        record.update(speed(folders, args))
+    if args.skip != "quality":
+        record["quality"] = quality(folders, args.ppl_tokens)
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+def speed(folders: list[Path], args) -> dict:
+    import torch
+
+    manifest = json.loads((folders[0] / "edgekv.json").read_text())
+    capacity = manifest["sink"] + manifest["window"]
     positions = sorted({capacity, 4096, 8192, 16384, 32768, args.tokens})
+    peer_positions = [capacity, *HF_POSITIONS[1:]]
     print("bench transformers", file=sys.stderr)
-    hf = in_fresh_process(bench_transformers, [capacity, *HF_POSITIONS[1:]], args.steps)
+    hf = in_fresh_process(bench_transformers, peer_positions, args.steps)
     print(report({**hf, "size_mb": 0, "sink": 0, "window": hf["positions"][-1], "chunk": 512,
                   "prefill_tok_s": None, "decode_tok_s": 1e3 / hf["ms_per_token"][0],
                   "flat_ms_ratio": hf["ms_per_token"][-1] / hf["ms_per_token"][0],
                   "rss_growth": hf["rss_mb"][-1] / hf["rss_mb"][0] - 1}), file=sys.stderr)
+    peers = [hf]
+    try:
+        import llama_cpp  # noqa: F401  a benchmark peer, not a dependency
+    except ImportError:
+        print("llama-cpp-python is not installed: llama.cpp left out", file=sys.stderr)
+    else:
+        print("bench llama.cpp", file=sys.stderr)
+        peers.append(in_fresh_process(bench_llamacpp, peer_positions, args.steps, torch.get_num_threads()))
     results = []
-    for target in TARGETS:
-        print(f"bench {target}: decode timed at {positions}", file=sys.stderr)
-        results.append(in_fresh_process(bench_artifact, str(args.out / target), positions, args.steps))
+    for folder in folders:
+        print(f"bench {folder}: decode timed at {positions}", file=sys.stderr)
+        results.append(in_fresh_process(bench_artifact, str(folder), positions, args.steps))
         print(report(results[-1]), file=sys.stderr)
     bw = read_bandwidth()
-    summary = summarize(results, hf, bw, capacity)
+    summary = summarize(results, peers, bw, capacity)
     print(summary["text"])
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "transformers": hf, "bandwidth_gb_s": bw,
-                                         "summary": {k: v for k, v in summary.items() if k != "text"}}, indent=1))
     if args.plot:
-        plot([*results, hf], args.plot)
-    return 0
+        plot([*results, *peers], args.plot)
+    return {"results": results, "transformers": hf, "peers": peers, "bandwidth_gb_s": bw,
+            "summary": {k: v for k, v in summary.items() if k != "text"}}
+
+
+def quality(folders: list[Path], tokens: int) -> dict:
+    """Perplexity per artifact, and each quantized one against the fp32 artifact of its target."""
+    ppl = {}
+    for folder in folders:
+        print(f"perplexity of {TEXT.name} through {folder}", file=sys.stderr)
+        ppl[folder.name] = artifact_ppl(folder, tokens)
+    lines = [f"perplexity, {TEXT.name}, first {tokens} tokens, sink mode, cache of the artifact:"]
+    for name, r in ppl.items():
+        base = ppl.get(name.split("-")[0])
+        change = f"  ({100 * (r['ppl'] / base['ppl'] - 1):+.2f}% vs fp32)" if base and base is not r else ""
+        lines.append(f"  {name:<18} {r['ppl']:.3f}{change}")
+    print("\n".join(lines))
+    return ppl
 
 
 def at(r: dict, position: int) -> float:
     return r["ms_per_token"][r["positions"].index(position)]
 
 
-def summarize(results: list[dict], hf: dict, bw: dict, capacity: int) -> dict:
+def summarize(results: list[dict], peers: list[dict], bw: dict, capacity: int) -> dict:
+    hf = peers[0]
     last = results[0]["positions"][-1]
     # One decode step reads every weight once and the whole fixed cache (fp32 artifacts).
     step_bytes = hf["weight_bytes"] + hf["cache_bytes_per_token"] * capacity
     floor_ms = 1e3 * step_bytes / (max(bw["one_thread"], bw["all_threads"]) * 1e9)
-    fastest = min(results, key=lambda r: at(r, 4096))
+    fp32 = [r for r in results if r["quantization"] == "none"]
+    fastest = min(fp32, key=lambda r: at(r, 4096))
     s = {"floor_ms": floor_ms, "step_bytes": step_bytes, "fastest": fastest["target"],
          "speedup_vs_transformers_4096": at(hf, 4096) / at(fastest, 4096),
          "fastest_over_floor": at(fastest, 4096) / floor_ms, "per_target": {}}
-    lines = [f"{'target':<12}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
+    lines = [f"{'artifact':<18}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
              + "".join(f"{'ms@' + str(p):>10}" for p in results[0]["positions"])
              + f"{'ms ratio':>10}{'RSS MB':>9}{'RSS growth':>12}"]
     for r in results:
         speed = r["prefill_tok_s"] / r["decode_tok_s"]
-        s["per_target"][r["target"]] = {"flat_ms_ratio": r["flat_ms_ratio"], "rss_growth": r["rss_growth"],
-                                        "prefill_over_decode": speed}
-        lines.append(f"{r['target']:<12}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
+        s["per_target"][r["name"]] = {"flat_ms_ratio": r["flat_ms_ratio"], "rss_growth": r["rss_growth"],
+                                      "prefill_over_decode": speed}
+        lines.append(f"{r['name']:<18}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
                      + "".join(f"{v:>10.2f}" for v in r["ms_per_token"])
                      + f"{r['flat_ms_ratio']:>9.3f}x{r['rss_mb'][-1]:>9.0f}{100 * r['rss_growth']:>+11.2f}%")
-    lines.append(f"{'transformers':<12}{'':>9}{'':>15}{'':>16}"
-                 + "".join(f"{at(hf, p):>10.2f}" if p in hf["positions"] else f"{'-':>10}"
-                           for p in results[0]["positions"])
-                 + f"{at(hf, 8192) / at(hf, capacity):>9.3f}x{hf['rss_mb'][-1]:>9.0f}"
-                 + f"{100 * (hf['rss_mb'][-1] / hf['rss_mb'][0] - 1):>+11.2f}%")
+    for peer in peers:
+        lines.append(f"{peer['target']:<18}{'':>9}{'':>15}{'':>16}"
+                     + "".join(f"{at(peer, p):>10.2f}" if p in peer["positions"] else f"{'-':>10}"
+                               for p in results[0]["positions"])
+                     + f"{at(peer, 8192) / at(peer, capacity):>9.3f}x{peer['rss_mb'][-1]:>9.0f}"
+                     + f"{100 * (peer['rss_mb'][-1] / peer['rss_mb'][0] - 1):>+11.2f}%")
     lines += [
         "",
         f"memory read bandwidth: {bw['one_thread']:.1f} GB/s one thread, {bw['all_threads']:.1f} GB/s "
@@ -161,17 +248,40 @@ def summarize(results: list[dict], hf: dict, bw: dict, capacity: int) -> dict:
         f"bandwidth floor per decode step: {step_bytes / 1e6:.0f} MB (weights + fixed cache) / "
         f"{max(bw['one_thread'], bw['all_threads']):.1f} GB/s = {floor_ms:.1f} ms",
         f"flat (ms/token at {last} vs {capacity}): "
-        + ", ".join(f"{r['target']} x{r['flat_ms_ratio']:.3f}" for r in results) + "  (goal <= 1.10)",
+        + ", ".join(f"{r['name']} x{r['flat_ms_ratio']:.3f}" for r in results) + "  (goal <= 1.10)",
         "RSS growth over the same span: "
-        + ", ".join(f"{r['target']} {100 * r['rss_growth']:+.2f}%" for r in results) + "  (goal <= 2%)",
+        + ", ".join(f"{r['name']} {100 * r['rss_growth']:+.2f}%" for r in results) + "  (goal <= 2%)",
         f"fastest at 4096: {fastest['target']} {at(fastest, 4096):.2f} ms/token; transformers "
         f"{at(hf, 4096):.2f} ms/token -> {s['speedup_vs_transformers_4096']:.2f}x faster  (goal >= 2x)",
         f"fastest vs bandwidth floor: {s['fastest_over_floor']:.2f}x the floor  (goal <= 1.5x)",
         "prefill vs one-token decode: "
         + ", ".join(f"{t} {v['prefill_over_decode']:.1f}x" for t, v in s["per_target"].items()) + "  (goal >= 5x)",
     ]
+    lines += quantized_lines(results, peers, s)
     s["text"] = "\n".join(lines)
     return s
+
+
+def quantized_lines(results: list[dict], peers: list[dict], s: dict) -> list[str]:
+    """int4/int8 against fp32 of the same target at 4096, and the fastest int4 against llama.cpp."""
+    by_name = {r["name"]: r for r in results}
+    lines, s["quantized_speedup_4096"] = [], {}
+    for r in results:
+        base = by_name.get(r["target"])
+        if r["quantization"] != "none" and base:
+            s["quantized_speedup_4096"][r["name"]] = at(base, 4096) / at(r, 4096)
+    if s["quantized_speedup_4096"]:
+        lines.append("quantized vs fp32 of the same target at 4096: " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in s["quantized_speedup_4096"].items()) + "  (goal: int4 >= 2x on two targets)")
+    int4 = [r for r in results if r["quantization"] == "int4"]
+    llama = [p for p in peers if p["target"] == "llama.cpp"]
+    if int4 and llama:
+        best = min(int4, key=lambda r: at(r, 4096))
+        s["fastest_int4_vs_llamacpp_4096"] = at(llama[0], 4096) / at(best, 4096)
+        lines.append(f"fastest int4 at 4096: {best['name']} {at(best, 4096):.2f} ms/token; llama.cpp "
+                     f"({llama[0]['threads']} threads) {at(llama[0], 4096):.2f} ms/token -> "
+                     f"{s['fastest_int4_vs_llamacpp_4096']:.2f}x  (goal >= 1.0)")
+    return lines
 
 
 if __name__ == "__main__":

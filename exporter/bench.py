@@ -100,7 +100,9 @@ def bench_artifact(folder: str, positions: list[int], steps: int) -> dict:
     runner = open_artifact(Path(folder))
     m = runner.manifest
     size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    scheme = m.get("quantization", {}).get("scheme", "none")
     result = {"artifact": folder, "target": m["target"], "executor": getattr(runner, "executor", m["target"]),
+              "quantization": scheme, "name": m["target"] + ("" if scheme == "none" else f"-{scheme}"),
               "sink": m["sink"], "window": m["window"], "chunk": m["chunk"], "size_mb": size / 1e6,
               "load_rss_mb": peak_rss_mb()}
     result.update(bench_runner(runner, positions, steps, m["target"]))
