@@ -31,7 +31,7 @@ FP16_TOP1 = 0.98
 # >= top1 of positions. int8's bound is the project's quality goal (+3 %). int4's is a correctness bound, not
 # the quality goal (+15 %, not met: round-to-nearest int4 costs SmolLM2 +27 % to +59 % on tinyshakespeare,
 # README): it passes a faithful int4 export and fails a broken one (wrong layout or scales: perplexity x10+).
-QUANT_BOUNDS = {"int8": {"ppl_increase": 0.03, "top1": 0.90}, "int4": {"ppl_increase": 0.75, "top1": 0.50}}
+QUANT_BOUNDS = {"int8": {"ppl_increase": 0.03, "top1": 0.90}, "int4": {"ppl_increase": 1.0, "top1": 0.40}}
 PRECISION_RANK = ("fp32", "fp16", "int8", "int4")  # a pair is judged by its less precise run
 
 
