@@ -72,7 +72,7 @@ def test_coreml_package_carries_quantized_weights(tiny, scheme):
         assert len(weights) == 2 * 7 + 1 and set(weights) <= set(dequant), name  # every linear layer
         assert len(set(tables) & set(dequant)) == 1, name  # and the (tied) embedding table
 
-        def tensor_type(op, key):  # an input given by name (a const op) or inline
+        def tensor_type(op, key, consts=consts):  # an input given by name (a const op) or inline
             arg = op.inputs[key].arguments[0]
             return (consts[arg.name].outputs[0].type if arg.name else arg.value.type).tensorType
 
