@@ -58,9 +58,10 @@ SWIFT_TYPES = {  # Swift Codable type -> the schema object it decodes
     "SpecialTokens": "#/properties/special_tokens",
     "Entries": "#/properties/entries",
     "Files": "#/properties/files",
+    "Quantization": "#/properties/quantization",
     "TensorSpec": "#/$defs/tensor",
 }
-READS_EVERY_KEY = {"Manifest", "Source", "Architecture", "SpecialTokens", "Entries", "TensorSpec"}
+READS_EVERY_KEY = {"Manifest", "Source", "Architecture", "SpecialTokens", "Entries", "TensorSpec", "Quantization"}
 
 
 def text(node, source: bytes) -> str:

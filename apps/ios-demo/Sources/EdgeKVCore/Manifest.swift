@@ -26,6 +26,7 @@ public struct Manifest: Codable, Equatable, Sendable {
     public let state: [TensorSpec]
     public let computePrecision: String
     public let minimumDeploymentTarget: String?
+    public let quantization: Quantization
     public let files: Files
     public let digests: [String: String]
 
@@ -47,6 +48,7 @@ public struct Manifest: Codable, Equatable, Sendable {
         case state
         case computePrecision = "compute_precision"
         case minimumDeploymentTarget = "minimum_deployment_target"
+        case quantization
         case files
         case digests
     }
@@ -94,6 +96,25 @@ public struct Manifest: Codable, Equatable, Sendable {
     public struct Entries: Codable, Equatable, Sendable {
         public let decode: String
         public let prefill: String
+    }
+
+    /// Weight quantization (`edgekv export --quantize`): Core ML dequantizes on load, so the app only shows it.
+    public struct Quantization: Codable, Equatable, Sendable {
+        public let scheme: String
+        public let groupSize: Int?
+        public let method: String
+        public let weights: String
+        public let activations: String
+        public let cacheDtype: String
+
+        enum CodingKeys: String, CodingKey {
+            case scheme
+            case groupSize = "group_size"
+            case method
+            case weights
+            case activations
+            case cacheDtype = "cache_dtype"
+        }
     }
 
     public struct Files: Codable, Equatable, Sendable {
