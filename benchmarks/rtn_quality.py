@@ -3,7 +3,9 @@
     python benchmarks/rtn_quality.py [--tokens 2000]
 
 Every 2-D weight (linear layers, the tied embedding) is quantized and dequantized in place, per group of 32
-input channels: int8 symmetric, int4 symmetric, int4 asymmetric (integer zero point). Then the perplexity of
+input channels: int8 symmetric, int4 symmetric, int4 asymmetric (integer zero point), int4 affine (float zero
+point: llama.cpp's Q4_1 grid, what `edgekv export --quantize int4` writes), and the last with the (tied)
+embedding left in fp32. Then the perplexity of
 ../shared/data/tinyshakespeare.txt is measured in sink mode with the default cache (4 + 1020), chunk 64.
 This separates the cost of the scheme from that of each target's kernels (e.g. int8 activations).
 """
@@ -21,12 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.loaders import build_model, load_checkpoint, load_tokenizer  # noqa: E402
 from exporter.ppl import read_tokens, stream_nll  # noqa: E402
+from exporter.quantize import affine_int4  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False)}
+SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False),
+           "int4 affine": "affine", "int4 affine, fp32 embedding": "affine"}
 
 
-def round_trip(w: torch.Tensor, bits: int, symmetric: bool, group: int = 32) -> torch.Tensor:
+def round_trip(w: torch.Tensor, bits: int | str, symmetric: bool = False, group: int = 32) -> torch.Tensor:
+    if bits == "affine":
+        q, scale, zero = affine_int4(w, group)
+        return ((q.reshape(w.shape[0], -1, group) - zero[..., None]) * scale[..., None]).reshape(w.shape)
     b = w.reshape(w.shape[0], -1, group)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -48,9 +55,9 @@ def main() -> int:
     for name, scheme in SCHEMES.items():
         model = build_model(ckpt, 4, 1020, max_chunk=64)
         with torch.no_grad():
-            for w in model.parameters():
-                if scheme and w.ndim == 2:
-                    w.copy_(round_trip(w, *scheme))
+            for pname, w in model.named_parameters():  # a tied table is one parameter: the embedding's
+                if scheme and w.ndim == 2 and not (name.endswith("fp32 embedding") and "embed" in pname):
+                    w.copy_(round_trip(w, *scheme) if isinstance(scheme, tuple) else round_trip(w, scheme))
 
         @torch.no_grad()
         def step(tokens, pos, model=model):
@@ -58,7 +65,7 @@ def main() -> int:
 
         ppl = math.exp(float(stream_nll(step, ids, 64, name).mean()))
         base = base or ppl
-        print(f"{name:<16} perplexity {ppl:.3f}  ({100 * (ppl / base - 1):+.1f}% vs fp32)")
+        print(f"{name:<28} perplexity {ppl:.3f}  ({100 * (ppl / base - 1):+.1f}% vs fp32)")
     return 0
 
 

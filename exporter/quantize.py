@@ -1,9 +1,13 @@
 """Weight quantization: one scheme (`--quantize int8|int4`, `--group-size`), applied by each target's own tool.
 
 What every target does the same way:
-- Symmetric integer weights (no zero points), one scale per group of `group_size` consecutive input
-  channels (int8 on ExecuTorch and OpenVINO: one scale per output channel, the granularity their int8
-  kernels take).
+- int8: symmetric weights, one scale per group of `group_size` consecutive input channels (on ExecuTorch
+  and OpenVINO one scale per output channel, the granularity their int8 kernels take).
+- int4: affine weights, a scale and a float zero point per group (min-max, llama.cpp's Q4_1 grid:
+  `affine_int4`). Core ML's dequantization takes float offsets directly; ExecuTorch, ONNX and OpenVINO have
+  symmetric 4-bit kernels, so each layer carries symmetric int4 weights plus a float32 offset per group,
+  applied as a small product with the input's group sums (`with_offsets`), the same numbers. Symmetric
+  int4 alone cost SmolLM2 +41 % perplexity, affine +3.6 % (benchmarks/rtn_quality.py).
 - Every linear layer, the token embedding and the output projection are quantized. A tied embedding is
   quantized once for the lookup and once for the output projection where the format needs two layouts.
 - The KV cache keeps the precision of the unquantized export (the contract's cache), and the manifest
@@ -32,6 +36,13 @@ class Quantization:
     @property
     def bits(self) -> int | None:
         return {"int8": 8, "int4": 4}.get(self.scheme)
+
+    def describe(self, how: str = "") -> str:
+        """The manifest's `weights` text for grouped weights; `how` says how the target stores int4."""
+        if self.bits == 4:
+            text = f"int4 affine (a scale and a float zero point per {self.group_size} input channels)"
+            return f"{text}, {how}" if how else text
+        return f"{self.scheme} symmetric, groups of {self.group_size}"
 
     def manifest(self, method: str, weights: str, activations: str, cache_dtype: str, grouped: bool = True) -> dict:
         """The manifest's `quantization` entry: what was quantized, how, and with which tool."""
@@ -63,4 +74,79 @@ def untied(model: torch.nn.Module) -> torch.nn.Module:
     model = copy.deepcopy(model)
     if model.lm_head.weight is model.embed_tokens.weight:
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
+    return model
+
+
+def affine_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max affine 4-bit rounding of the rows of w [N, K] per group of `group` input channels: codes q in
+    0..15 (uint8), a scale and a float zero point per group [N, K / group], w ~= scale * (q - zero). This is
+    llama.cpp's Q4_1 grid (scale and minimum), so weights that came from Q4_1 with these groups return exactly."""
+    blocks = w.detach().float().reshape(w.shape[0], -1, group)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    scale = (hi - lo) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, zero = -lo
+    q = torch.clamp(torch.round((blocks - lo[..., None]) / scale[..., None]), 0, 15)
+    return q.reshape(w.shape).to(torch.uint8), scale, -lo / scale
+
+
+def split_affine(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine int4 rounding of w as symmetric int4 weights plus one offset per group:
+    scale * (q - zero) = scale * (q - 8) + scale * (8 - zero). The first term lies on a symmetric grid
+    (-8 .. 7) whose scale a symmetric quantizer recovers exactly (-8 * scale is always its extreme)."""
+    q, scale, zero = affine_int4(w, group)
+    sym = (q.reshape(w.shape[0], -1, group).float() - 8) * scale[..., None]
+    return sym.reshape(w.shape), scale * (8 - zero)
+
+
+class OffsetLinear(torch.nn.Module):
+    """A linear layer with affine int4 weights for runtimes whose 4-bit kernels are symmetric:
+    y = x @ sym.T + (sums of x over each group) @ offset.T. `linear` is quantized by the target's tool;
+    `offset` ([N, K / group], 1/group of the weights) stays float32."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int):
+        super().__init__()
+        sym, offset = split_affine(linear.weight, group)
+        self.group = group
+        self.linear = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.offset = torch.nn.Linear(linear.in_features // group, linear.out_features, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(sym)
+            self.offset.weight.copy_(offset)
+            if linear.bias is not None:
+                self.linear.bias.copy_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offset(x.unflatten(-1, (-1, self.group)).sum(-1))
+
+
+class OffsetEmbedding(torch.nn.Module):
+    """The lookup of an affine int4 table: sym[tokens] + offset[tokens], each offset repeated over its group."""
+
+    def __init__(self, embedding: torch.nn.Embedding, group: int):
+        super().__init__()
+        sym, offset = split_affine(embedding.weight, group)
+        self.group = group
+        self.table = torch.nn.Embedding.from_pretrained(sym, freeze=False)
+        self.offset = torch.nn.Embedding.from_pretrained(offset, freeze=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        off = self.offset(tokens)
+        return self.table(tokens) + off.unsqueeze(-1).expand(*off.shape, self.group).flatten(-2)
+
+
+def with_offsets(model: torch.nn.Module, group: int) -> torch.nn.Module:
+    """A copy whose linear layers and embedding carry affine int4 weights as symmetric weights + offsets
+    (OffsetLinear, OffsetEmbedding); a tied output projection keeps sharing both tensors with the lookup.
+    Offsets are the modules named `offset`: the target's quantizer must leave them in float32."""
+    model = copy.deepcopy(model)
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, OffsetLinear(module, group))
+    model.embed_tokens = OffsetEmbedding(model.embed_tokens, group)
+    if tied:
+        head = OffsetLinear(model.lm_head, group)
+        head.linear.weight, head.offset.weight = model.embed_tokens.table.weight, model.embed_tokens.offset.weight
+        model.lm_head = head
     return model

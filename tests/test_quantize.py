@@ -5,13 +5,61 @@ import json
 import random
 
 import pytest
+import torch
 
+from exporter.loaders import build_model, load_checkpoint
+from exporter.quantize import affine_int4, split_affine, with_offsets
 from exporter.validate import QUANT_BOUNDS
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 SCHEMES = ("int8", "int4")
 TARGETS = (*RUNNABLE, "coreml")
 SIZE_GOAL = {"int8": 0.30, "int4": 0.20}  # x the unquantized fp32 artifact of the same target
+
+
+def q4_1_weights(rows: int, groups: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights as llama.cpp's Q4_1 stores them: per group of 32, codes 0..15 (both ends used), a scale and
+    a float minimum."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows, groups, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15
+    scale = torch.rand(rows, groups, 1, generator=g) * 0.01 + 1e-3
+    low = (torch.rand(rows, groups, 1, generator=g) - 0.5) * 0.1
+    return (codes * scale + low).reshape(rows, groups * 32), codes
+
+
+def test_affine_int4_returns_q4_1_weights_exactly():
+    w, codes = q4_1_weights(48, 4)
+    q, scale, zero = affine_int4(w, 32)
+    assert torch.equal(q.reshape(48, 4, 32).long(), codes)
+    back = (q.reshape(48, 4, 32) - zero[..., None]) * scale[..., None]
+    assert (back.reshape(w.shape) - w).abs().max().item() < 1e-7
+    # The symmetric half lies on the grid scale * (-8 .. 7) with -8 * scale always present.
+    sym, offset = split_affine(w, 32)
+    steps = sym.reshape(48, 4, 32) / scale[..., None]
+    assert (steps - steps.round()).abs().max().item() < 1e-4
+    assert steps.round().amin(-1).eq(-8).all() and steps.round().amax(-1).eq(7).all()
+    assert (sym.reshape(48, 4, 32) + offset[..., None] - w.reshape(48, 4, 32)).abs().max().item() < 1e-7
+
+
+def test_offsets_compute_the_affine_weights(tmp_path):
+    """with_offsets (what ExecuTorch, ONNX and OpenVINO export) gives the logits of the model whose weights were
+    rounded in place, tied table and output projection included."""
+    ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128,
+                                     tie_word_embeddings=True))
+    model = build_model(ckpt, 2, 12, max_chunk=4)
+    split = with_offsets(model, 32)
+    assert split.lm_head.linear.weight is split.embed_tokens.table.weight
+    rounded = build_model(ckpt, 2, 12, max_chunk=4)
+    with torch.no_grad():
+        for w in rounded.parameters():
+            if w.ndim == 2:
+                q, scale, zero = affine_int4(w, 32)
+                w.copy_(((q.reshape(w.shape[0], -1, 32) - zero[..., None]) * scale[..., None]).reshape(w.shape))
+        tokens = torch.randint(0, model.cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+        a, b, c = (m(tokens, torch.tensor([0])) for m in (model, split, rounded))
+    assert (b - c).abs().max().item() < 1e-5 * c.abs().max().item()
+    assert (a - c).abs().max().item() > 1e-3 * c.abs().max().item()  # and rounding did change the logits
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +126,14 @@ def test_coreml_package_carries_quantized_weights(tiny, scheme):
 
         for o in dequant.values():
             data, scale = tensor_type(o, "data"), tensor_type(o, "scale")
-            assert MIL_pb2.DataType.Name(data.dataType) == scheme.upper(), name
+            # int8 symmetric; int4 affine: uint4 codes and a float16 zero point per block
+            assert MIL_pb2.DataType.Name(data.dataType) == {"int8": "INT8", "int4": "UINT4"}[scheme], name
             rows, cols = (d.constant.size for d in data.dimensions)
             assert [d.constant.size for d in scale.dimensions] == [rows, cols // 32]
+            if scheme == "int4":
+                offset = tensor_type(o, "offset")
+                assert MIL_pb2.DataType.Name(offset.dataType) == "FLOAT16", name
+                assert [d.constant.size for d in offset.dimensions] == [rows, cols // 32]
 
 
 def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, untied
+from exporter.quantize import Quantization, untied, with_offsets
 from exporter.targets import ExportSpec, io_entry, require, trace
 
 
@@ -15,18 +15,30 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     """torchao on an untied copy. Linear layers: int8 dynamic activations x int4 weights in groups (8da4w) or
     int8 weights per output channel (8da8w), the forms XNNPACK runs. Embedding: int4/int8 weights in groups,
     fused at to_executorch into quantized_decomposed::embedding_{4bit,byte} (the runtime needs
-    ExecuTorch's quantized kernels: `import executorch.kernels.quantized` in Python)."""
+    ExecuTorch's quantized kernels: `import executorch.kernels.quantized` in Python).
+    int4 is affine: XNNPACK's 4-bit weights are symmetric, so each layer carries symmetric weights plus float32
+    offsets (exporter.quantize.with_offsets); the scale rule that never clips recovers the grid's scale exactly."""
     require("torchao", "torchao==0.18.0")
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     model = untied(model)
+    if quant.bits == 4:
+        model = with_offsets(model, quant.group_size)
     dtype = getattr(torch, quant.scheme)
+    mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if quant.bits == 4 else MappingType.SYMMETRIC
     linear = PerGroup(quant.group_size) if quant.bits == 4 else PerAxis(0)
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=linear),
-              filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size)),
-              filter_fn=lambda m, _: isinstance(m, torch.nn.Embedding))
+
+    def weights(kind):
+        return lambda m, name: isinstance(m, kind) and not name.endswith("offset")
+
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=linear,
+                                                           weight_mapping_type=mapping),
+              filter_fn=weights(torch.nn.Linear))
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size),
+                                          mapping_type=mapping),
+              filter_fn=weights(torch.nn.Embedding))
     return model
 
 
@@ -59,7 +71,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             f"torchao Int8DynamicActivationIntxWeightConfig ({quant.scheme}) + XNNPACK" if quant.bits else "none",
-            {"int4": f"int4 symmetric, groups of {quant.group_size}",
+            {"int4": quant.describe("stored as symmetric int4 + float32 offsets"),
              "int8": f"int8 symmetric per output channel (embedding: groups of {quant.group_size})",
              }.get(quant.scheme, "float32"),
             "int8 dynamic, per token" if quant.bits else "float32", "float32"),

@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization
+from exporter.quantize import Quantization, with_offsets
 from exporter.targets import ExportSpec, io_entry, require
 
 
@@ -42,13 +42,14 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int) -> None:
 
 
 def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-group quantization of the rows of w [N, K]: integers in [-2^(b-1), 2^(b-1) - 1] and
-    fp32 scales [N, K / group], with w ~= q * scale."""
-    qmax = 2 ** (bits - 1) - 1
+    """Symmetric per-group quantization of the rows of w [N, K], as onnxruntime's MatMulNBits quantizer does it:
+    the value of largest magnitude maps to -2^(b-1), so integers in [-2^(b-1), 2^(b-1) - 1] and fp32 scales
+    [N, K / group] with w ~= q * scale (exact for weights on such a grid, see exporter.quantize.split_affine)."""
     blocks = w.reshape(w.shape[0], -1, group)
-    scale = np.abs(blocks).max(-1) / qmax
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scale = extreme / -(2 ** (bits - 1))
     scale[scale == 0] = 1.0
-    q = np.clip(np.rint(blocks / scale[..., None]), -qmax - 1, qmax).astype(np.int16)
+    q = np.clip(np.rint(blocks / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).astype(np.int16)
     return q.reshape(w.shape), scale.astype(np.float32)
 
 
@@ -86,7 +87,8 @@ def tied_gather(node, matmul, vocab: int, quant: Quantization) -> list:
 
 def quantize_onnx(path: Path, quant: Quantization) -> None:
     """Weights of every MatMul -> MatMulNBits (onnxruntime's quantizer; accuracy level 4: int8 activations in
-    the product), the embedding lookup -> GatherBlockQuantized. In place."""
+    the product), the embedding lookup -> GatherBlockQuantized. In place. The float32 offsets of affine int4
+    (exporter.quantize.with_offsets: the products of group sums, from ReduceSum, and the `offset` tables) stay."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
@@ -94,9 +96,11 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
     graph = model.graph
     tables = {t.name: t for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
+    offsets = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in producer
+               and producer[n.input[0]].op_type == "ReduceSum"]
     tied = {}  # table -> the MatMul that reads it transposed (the tied output projection)
     for node in list(graph.node):
-        source = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        source = producer.get(node.input[1]) if node.op_type == "MatMul" and node.name not in offsets else None
         # The tied projection reads the embedding through a Transpose: fold it, so the quantizer sees a weight.
         if source is not None and source.op_type == "Transpose" and source.input[0] in tables:
             w = numpy_helper.to_array(tables[source.input[0]])
@@ -105,7 +109,7 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
             tied[source.input[0]] = node.output[0]
             if not any(source.output[0] in n.input for n in graph.node):
                 graph.node.remove(source)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=offsets, algo_config=DefaultWeightOnlyQuantConfig(
         block_size=quant.group_size, is_symmetric=True, accuracy_level=4, bits=quant.bits,
         op_types_to_quantize=("MatMul",)))
     quantizer.process()
@@ -113,7 +117,7 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
     tables = {t.name: t for t in graph.initializer}
     by_output = {n.output[0]: n for n in graph.node}
     for node in list(graph.node):
-        if node.op_type == "Gather" and node.input[0] in tables:
+        if node.op_type == "Gather" and node.input[0] in tables and not node.input[0].endswith("offset.weight"):
             table = numpy_helper.to_array(tables[node.input[0]])
             if node.input[0] in tied and by_output[tied[node.input[0]]].op_type == "MatMulNBits":
                 new = tied_gather(node, by_output[tied[node.input[0]]], table.shape[0], quant)
@@ -123,12 +127,38 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
             graph.node.remove(node)
             for i, n in enumerate(new):
                 graph.node.insert(at + i, n)
+    stored_as_fp16(graph, offset_tables(graph, offsets))
     result = ONNXModel(quantizer.model.model)
     result.remove_unused_constant()  # the fp32 weights
     result.save_model_to_file(str(path), use_external_data_format=result.model.ByteSize() > 1.8e9)
 
 
+def offset_tables(graph, offsets: list[str]) -> set[str]:
+    """The initializers that hold affine int4 offsets: read by the offset products (directly or through a
+    Transpose) and by the offset lookup."""
+    producer = {out: n for n in graph.node for out in n.output}
+    names = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("offset.weight")}
+    for node in graph.node:
+        if node.name in offsets:
+            source = producer.get(node.input[1])
+            names.add(source.input[0] if source is not None and source.op_type == "Transpose" else node.input[1])
+    return names
+
+
+def stored_as_fp16(graph, names: set[str]) -> None:
+    """Store these float32 initializers as float16 behind a Cast, which onnxruntime folds at load: half the
+    bytes on disk, float32 at run time."""
+    for t in graph.initializer:
+        if t.name in names:
+            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), f"{t.name}_fp16")
+            t.CopyFrom(half)
+            graph.node.insert(0, onnx.helper.make_node("Cast", [half.name], [half.name[:-5]], to=onnx.TensorProto.FLOAT,
+                                                       name=f"{half.name}_cast"))
+
+
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
+    if spec.quant.bits == 4:
+        model = with_offsets(model, spec.quant.group_size)
     write_onnx(model, out_dir / "model.onnx", spec.chunk)
     spec.log("converted to ONNX")
     quant = spec.quant
@@ -150,6 +180,6 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             "onnxruntime MatMulNBits (accuracy level 4) + GatherBlockQuantized" if quant.bits else "none",
-            f"{quant.scheme} symmetric, groups of {quant.group_size}" if quant.bits else "float32",
+            quant.describe("stored as symmetric int4 + float16 offsets") if quant.bits else "float32",
             "int8 per block in the products" if quant.bits else "float32", "float32"),
     }

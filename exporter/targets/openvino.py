@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization
+from exporter.quantize import Quantization, with_offsets
 from exporter.targets import ExportSpec, io_entry, require
 from exporter.targets.onnx import write_onnx
 
@@ -19,7 +19,13 @@ def compress(ir, quant: Quantization):
     nncf = require("nncf", "nncf==3.4.0")
     mode = getattr(nncf.CompressWeightsMode, NNCF_MODE[quant.scheme])
     if quant.bits == 4:
-        return nncf.compress_weights(ir, mode=mode, group_size=quant.group_size, ratio=1.0, all_layers=True)
+        # Affine int4 as symmetric weights + float32 offsets (exporter.quantize.with_offsets): the offsets stay.
+        offsets = [op.get_friendly_name() for op in ir.get_ordered_ops() if (
+            op.get_type_name() == "MatMul" and op.input_value(0).get_node().get_type_name() == "ReduceSum"
+            or op.get_type_name() == "Gather"
+            and op.input_value(0).get_node().get_friendly_name().endswith("offset.weight"))]
+        return nncf.compress_weights(ir, mode=mode, group_size=quant.group_size, ratio=1.0, all_layers=True,
+                                     ignored_scope=nncf.IgnoredScope(names=offsets))
     return nncf.compress_weights(ir, mode=mode)
 
 
@@ -27,6 +33,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ov = require("openvino", "openvino")
     from openvino._offline_transformations import apply_make_stateful_transformation
 
+    if spec.quant.bits == 4:
+        model = with_offsets(model, spec.quant.group_size)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         write_onnx(model, onnx_path, spec.chunk)
@@ -48,7 +56,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             f"NNCF {NNCF_MODE.get(quant.scheme, 'none')}", {
-                "int4": f"int4 symmetric, groups of {quant.group_size}, all layers incl. embedding and output",
+                "int4": quant.describe("as symmetric int4 + float32 offsets; all layers incl. embedding and output"),
                 "int8": "int8 symmetric, one scale per output channel, all layers incl. embedding and output",
             }.get(quant.scheme, "float32"), "float32 (the CPU plugin may compute int8 products)", "float32",
             grouped=quant.bits == 4),
