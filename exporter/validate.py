@@ -28,10 +28,9 @@ FP16_REL_TOL = 2e-2
 FP16_TOP1 = 0.98
 # Quantized weights move logits by design, so their bound is on what a user sees: perplexity of the validation
 # stream at most (1 + ppl_increase) x that of the fp32 run it is compared with, and the same top-1 token at
-# >= top1 of positions. int8's bound is the project's quality goal (+3 %). int4's is a correctness bound, not
-# the quality goal (+15 %, not met: round-to-nearest int4 costs SmolLM2 +27 % to +59 % on tinyshakespeare,
-# README): it passes a faithful int4 export and fails a broken one (wrong layout or scales: perplexity x10+).
-QUANT_BOUNDS = {"int8": {"ppl_increase": 0.03, "top1": 0.90}, "int4": {"ppl_increase": 1.0, "top1": 0.40}}
+# >= top1 of positions. Both are the project's quality goals (int8 +3 %, int4 +15 %); top-1 agreement is what
+# SmolLM2 measured at a 64-slot cache with some margin (affine int4: 79-82 % on every target).
+QUANT_BOUNDS = {"int8": {"ppl_increase": 0.03, "top1": 0.90}, "int4": {"ppl_increase": 0.15, "top1": 0.70}}
 PRECISION_RANK = ("fp32", "fp16", "int8", "int4")  # a pair is judged by its less precise run
 
 
