@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.loaders import build_model, load_checkpoint, load_tokenizer  # noqa: E402
 from exporter.ppl import read_tokens, stream_nll  # noqa: E402
-from exporter.quantize import affine_int4  # noqa: E402
+from exporter.quantize import affine_round_trip  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False),
@@ -32,8 +32,7 @@ SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True
 
 def round_trip(w: torch.Tensor, bits: int | str, symmetric: bool = False, group: int = 32) -> torch.Tensor:
     if bits == "affine":
-        q, scale, zero = affine_int4(w, group)
-        return ((q.reshape(w.shape[0], -1, group) - zero[..., None]) * scale[..., None]).reshape(w.shape)
+        return affine_round_trip(w, group)
     b = w.reshape(w.shape[0], -1, group)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1

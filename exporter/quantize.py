@@ -89,6 +89,12 @@ def affine_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(w.shape).to(torch.uint8), scale, -lo / scale
 
 
+def affine_round_trip(w: torch.Tensor, group: int) -> torch.Tensor:
+    """w as its affine int4 rounding gives it back: scale * (q - zero), per group."""
+    q, scale, zero = affine_int4(w, group)
+    return ((q.reshape(w.shape[0], -1, group) - zero[..., None]) * scale[..., None]).reshape(w.shape)
+
+
 def split_affine(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine int4 rounding of w as symmetric int4 weights plus one offset per group:
     scale * (q - zero) = scale * (q - 8) + scale * (8 - zero). The first term lies on a symmetric grid

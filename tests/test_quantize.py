@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exporter.loaders import build_model, load_checkpoint
-from exporter.quantize import affine_int4, split_affine, with_offsets
+from exporter.quantize import affine_int4, affine_round_trip, split_affine, with_offsets
 from exporter.validate import QUANT_BOUNDS
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
@@ -32,8 +32,7 @@ def test_affine_int4_returns_q4_1_weights_exactly():
     w, codes = q4_1_weights(48, 4)
     q, scale, zero = affine_int4(w, 32)
     assert torch.equal(q.reshape(48, 4, 32).long(), codes)
-    back = (q.reshape(48, 4, 32) - zero[..., None]) * scale[..., None]
-    assert (back.reshape(w.shape) - w).abs().max().item() < 1e-7
+    assert (affine_round_trip(w, 32) - w).abs().max().item() < 1e-7
     # The symmetric half lies on the grid scale * (-8 .. 7) with -8 * scale always present.
     sym, offset = split_affine(w, 32)
     steps = sym.reshape(48, 4, 32) / scale[..., None]
@@ -54,8 +53,7 @@ def test_offsets_compute_the_affine_weights(tmp_path):
     with torch.no_grad():
         for w in rounded.parameters():
             if w.ndim == 2:
-                q, scale, zero = affine_int4(w, 32)
-                w.copy_(((q.reshape(w.shape[0], -1, 32) - zero[..., None]) * scale[..., None]).reshape(w.shape))
+                w.copy_(affine_round_trip(w, 32))
         tokens = torch.randint(0, model.cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
         a, b, c = (m(tokens, torch.tensor([0])) for m in (model, split, rounded))
     assert (b - c).abs().max().item() < 1e-5 * c.abs().max().item()
