@@ -44,22 +44,35 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) ->
     return torch.logical_and(in_range, torch.logical_or(k < sink, k > q - window))
 
 
-def rope_indices(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, start: torch.Tensor, sink: int, window: int, table: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotary table rows for queries and keys, in two frames whose differences are the contract's.
+def slot_index(pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """`slot_of` for a tensor of positions >= 0 (the offset keeps the remainder's operand non-negative)."""
+    ring = sink + torch.remainder(pos - sink + (sink // window + 1) * window, window)
+    return torch.where(pos < sink, pos, ring)
 
-    Sink frame: sink key q sits at q, the query at min(p, C - 1).
-    Window frame (shifted by the call's start so angles stay small): key q at q - start + W,
-    query p at p - start + W, so the query-key difference is the true distance p - q.
-    Returns (query row in sink frame, query row in window frame, key row, key-is-sink mask).
+
+def rope_frames(q_pos: torch.Tensor, k_pos: torch.Tensor, k_slot: torch.Tensor, sink: int, window: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary rows for keys rotated once, at their slot, when written (so a cached key is never rotated again).
+
+    A key in slot j sits at rotary row j. The contract's query-key distance is then reached from three query
+    rows, one per frame, chosen per (query, key) pair:
+      sink  (key is a sink, slot = position): the query at min(p, C - 1), the contract's own rows;
+      ring  (window key in a slot at or before the query's slot): the query at its slot;
+      lap   (window key in a slot after the query's, written one lap of the ring earlier): its slot + W.
+    In both window frames query row minus key row is p - q, the true distance (< W). Rows stay below C + W.
+    Returns (query rows [3, Tq], frame masks [3, Tq, Tk] as bool, exactly one frame true per pair with q >= 0).
     """
     cap = sink + window
-    q_sink = torch.clamp(q_pos, max=cap - 1)
-    q_win = q_pos - start + window
-    k_is_sink = torch.logical_and(k_pos >= 0, k_pos < sink)
-    k_row = torch.where(k_is_sink, k_pos, k_pos - start + window)
-    return q_sink, q_win, torch.clamp(k_row, 0, table - 1), k_is_sink
+    q_slot = slot_index(q_pos, sink, window)
+    # minimum rather than clamp: coremltools turns an integer clamp into a float clip.
+    rows = torch.stack([torch.minimum(q_pos, torch.tensor([cap - 1])), q_slot, q_slot + window])
+    k_is_sink = torch.logical_and(k_pos >= 0, k_pos < sink)[None, :]
+    same_lap = k_slot[None, :] <= q_slot[:, None]
+    in_ring = torch.logical_not(k_is_sink)
+    # The sink mask broadcast to [Tq, Tk] by an always-true comparison, not expand (Core ML's tile).
+    frames = torch.stack([torch.logical_and(k_is_sink, q_slot[:, None] >= 0), torch.logical_and(in_ring, same_lap),
+                          torch.logical_and(in_ring, torch.logical_not(same_lap))])
+    return rows, frames
 
 
 def chunk_writes(start: torch.Tensor, chunk: int, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:

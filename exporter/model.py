@@ -7,11 +7,13 @@ Attribute names follow Hugging Face so checkpoints load with a plain key clean-u
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporter.cache import chunk_writes, rope_indices, slot_positions, visible
+from exporter.cache import chunk_writes, rope_frames, slot_index, slot_positions, visible
 from exporter.config import ModelConfig
 
 
@@ -80,41 +82,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """x [1, T, hidden]; caches [KV, C, D] (keys stored before rotation). Returns out, new caches."""
+        """x [1, T, hidden]; caches [KV, C, D], keys rotated at their slot. Returns out and the chunk's rotated
+        keys and values [KV, T, D], for the caller to write: the cache itself is only read, never copied."""
         t = x.shape[1]
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        g = h // kv
         q = self.q_proj(x).view(t, h, d).transpose(0, 1)  # [H, T, D]
         k = self.k_proj(x).view(t, kv, d).transpose(0, 1)  # [KV, T, D]
         v = self.v_proj(x).view(t, kv, d).transpose(0, 1)
-
-        keys = torch.cat([k_cache, k], dim=1)  # [KV, C + T, D], unrotated
-        values = torch.cat([v_cache, v], dim=1)
-        keys = rotate(keys, ctx["k_cos"], ctx["k_sin"])
-        # Grouped-query attention without copying keys: query head h uses kv head h // group.
-        qs = rotate(q, ctx["qs_cos"], ctx["qs_sin"]).reshape(kv, -1, d)  # [KV, G*T, D]
-        qw = rotate(q, ctx["qw_cos"], ctx["qw_sin"]).reshape(kv, -1, d)
-        kt = keys.transpose(1, 2)
-        # Masks as arithmetic (0/1 factors, 0/-inf bias) rather than where/masked_fill: exact, and
-        # every op in a layer is one XNNPACK delegates, which keeps ExecuTorch export fast.
-        # bmm/mm rather than @: matmul's decomposition adds expand ops XNNPACK does not take.
-        scores = torch.bmm(qs, kt) * ctx["k_sink"] + torch.bmm(qw, kt) * ctx["k_window"]
-        scores = scores.view(kv, h // kv, t, -1) * (d**-0.5) + ctx["bias"]
-        probs = torch.softmax(scores, dim=-1).view(kv, -1, keys.shape[1])
-        out = torch.bmm(probs, values).view(h, t, d).transpose(0, 1).reshape(1, t, h * d)
-
-        # Cache write: slot j keeps its value or takes the chunk token `pick` selects (one-hot rows,
-        # so the matmul copies exactly); the newest token wins when a chunk is longer than the ring.
-        new_k = k_cache * ctx["keep"] + self._scatter(ctx["pick"], k)
-        new_v = v_cache * ctx["keep"] + self._scatter(ctx["pick"], v)
-        return self.o_proj(out), new_k, new_v
-
-    def _scatter(self, pick: Tensor, x: Tensor) -> Tensor:
-        """[C, T] one-hot rows times x [KV, T, D] -> [KV, C, D], as one 2-D matmul."""
-        kv, t, d = x.shape
-        x = x.transpose(0, 1).reshape(t, kv * d)
-        # One token: a broadcast product, which XNNPACK takes (it leaves this mm to a slow portable kernel).
-        rows = pick * x if t == 1 else torch.mm(pick, x)
-        return rows.view(-1, kv, d).transpose(0, 1)
+        k = rotate(k, ctx["k_cos"], ctx["k_sin"])  # once, at the slot it is written to
+        # The query in its three frames (exporter.cache.rope_frames), [KV, G*3*T, D] ordered (group, frame,
+        # token): grouped-query attention without copying keys, query head h uses kv head h // G.
+        qt = rotate(q.reshape(kv, g, 1, t, d), ctx["q_cos"], ctx["q_sin"]).reshape(kv, -1, d).transpose(1, 2)
+        # Keys times the (small, transposed) queries: the cache is read as it lies, once.
+        # bmm rather than @: matmul's decomposition adds expand ops XNNPACK does not take.
+        scores = torch.cat([torch.bmm(k_cache, qt), torch.bmm(k, qt)], dim=1)  # [KV, C + T, G*3*T]
+        # Each (query, key) pair keeps its frame's score: masks as 0/1 factors and a 0/-inf bias rather than
+        # where/masked_fill, exact, and ops XNNPACK delegates.
+        scores = (scores.transpose(1, 2).reshape(kv, g, 3, t, -1) * ctx["frames"]).sum(dim=2)
+        probs = torch.softmax(scores * (d**-0.5) + ctx["bias"], dim=-1).view(kv, g * t, -1)
+        c = k_cache.shape[1]
+        out = torch.bmm(probs[:, :, :c], v_cache) + torch.bmm(probs[:, :, c:], v)
+        return self.o_proj(out.view(h, t, d).transpose(0, 1).reshape(1, t, h * d)), k, v
 
 
 class Block(nn.Module):
@@ -139,6 +128,7 @@ class StreamingLM(nn.Module):
         super().__init__()
         self.cfg, self.sink, self.window, self.max_chunk = cfg, sink, window, max_chunk
         self.last_logits_only = last_logits_only
+        self.write_in_place = True  # False: the whole-cache blend Core ML converts (see `blended`)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -159,7 +149,7 @@ class StreamingLM(nn.Module):
         shape = (2, cfg.num_layers, cfg.num_kv_heads, s + w, cfg.head_dim)
         self.register_buffer("kv_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # Rotary tables computed in float64 once: angles never pass through low precision.
-        rows = torch.arange(s + w + self.max_chunk, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
+        rows = torch.arange(s + 2 * w, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
         self.register_buffer("rope_cos", rows.cos().to(dtype).to(device), persistent=False)
         self.register_buffer("rope_sin", rows.sin().to(dtype).to(device), persistent=False)
         for module in self.modules():
@@ -170,46 +160,62 @@ class StreamingLM(nn.Module):
     def capacity(self) -> int:
         return self.sink + self.window
 
-    def reset(self) -> None:
-        self.kv_cache.zero_()
-
     def context(self, t: int, input_pos: Tensor) -> dict:
-        """Everything the layers share for one call: rotary rows, visibility, cache writes."""
+        """Everything the layers share for one call: rotary rows, frames, visibility."""
         s, w = self.sink, self.window
         start = input_pos.to(torch.int64)
         q_pos = start + torch.arange(t, dtype=torch.int64)
-        k_pos = torch.cat([slot_positions(start - 1, s, w), q_pos])
-        q_sink, q_win, k_row, k_is_sink = rope_indices(q_pos, k_pos, start, s, w, self.rope_cos.shape[0])
-        written, src = chunk_writes(start, t, s, w)
+        k_pos = torch.cat([slot_positions(start - 1, s, w), q_pos])  # the cache's slots, then the chunk
+        k_slot = torch.cat([torch.arange(s + w, dtype=torch.int64), slot_index(q_pos, s, w)])
+        rows, frames = rope_frames(q_pos, k_pos, k_slot, s, w)
         cos, sin = self.rope_cos, self.rope_sin
         dtype = cos.dtype
         zero, ninf = torch.zeros(1, dtype=dtype), torch.full((1,), float("-inf"), dtype=dtype)
-        pick = torch.logical_and(written[:, None], src[:, None] == torch.arange(t)[None, :])
         return {
-            "qs_cos": cos[q_sink], "qs_sin": sin[q_sink],
-            "qw_cos": cos[q_win], "qw_sin": sin[q_win],
-            "k_cos": cos[k_row], "k_sin": sin[k_row],
-            "k_sink": k_is_sink.to(dtype).view(1, 1, -1),
-            "k_window": torch.logical_not(k_is_sink).to(dtype).view(1, 1, -1),
-            "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf).view(1, 1, t, -1),
-            "keep": torch.logical_not(written).to(dtype).view(1, -1, 1),
-            "pick": pick.to(dtype),
+            "q_cos": cos[rows], "q_sin": sin[rows],  # [3, T, D/2]
+            "k_cos": cos[rows[1]], "k_sin": sin[rows[1]],  # the chunk's keys at their slots
+            "frames": frames.to(dtype),  # [3, T, C + T]
+            "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf),  # [T, C + T]
         }
 
-    def step(self, tokens: Tensor, input_pos: Tensor, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
-        """Pure form: cache in, cache out (the ONNX graph). Logits [1, T, V] or [1, V]."""
+    def cache_parts(self, kv_cache: Tensor) -> list[Tensor]:
+        """The stacked cache [2, L, KV, C, D] as 2L views [KV, C, D]: keys of layers 0..L-1, then values."""
+        return list(kv_cache.view(-1, *kv_cache.shape[2:]).unbind(0))
+
+    def caches(self) -> list[Tensor]:
+        """This model's cache, one [KV, C, D] tensor per layer and half (views of `kv_cache` unless split)."""
+        if "kv_cache" in self._buffers:
+            return self.cache_parts(self.kv_cache)
+        return [getattr(self, f"cache_{j}") for j in range(2 * self.cfg.num_layers)]
+
+    def per_layer_cache(self) -> StreamingLM:
+        """A shallow copy (weights shared) whose cache is 2L buffers `cache_0`.. (keys, then values) rather than
+        one stacked buffer: for runtimes that copy every slice they take of a tensor (ExecuTorch copied the
+        whole cache a token taking its per-layer slices), each layer then reads its own buffer where it lies."""
+        split = copy.copy(self)
+        split._buffers = {k: v for k, v in self._buffers.items() if k != "kv_cache"}
+        for j, part in enumerate(self.cache_parts(self.kv_cache)):
+            split.register_buffer(f"cache_{j}", torch.zeros_like(part), persistent=False)
+        return split
+
+    def reset(self) -> None:
+        for cache in self.caches():
+            cache.zero_()
+
+    def step(self, tokens: Tensor, input_pos: Tensor, caches: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Pure form, the cache (2L tensors [KV, C, D]) only read: logits ([1, T, V], or [1, V] with
+        last_logits_only) and the chunk's cache entries, 2L tensors [KV, T, D] in the same order. Entry t
+        belongs in slot `slot_of(input_pos + t)`; where a chunk longer than the ring repeats a slot, the later
+        entry wins (`write_slots`, `blended`)."""
         t = tokens.shape[1]
         if t > self.max_chunk:
             raise ValueError(f"chunk of {t} tokens exceeds max_chunk={self.max_chunk}")
         ctx = self.context(t, input_pos)
         x = self.embed_tokens(tokens)
-        # One [KV, C, D] slice per layer and half, taken in one pass: ExecuTorch materializes every select
-        # as a copy, so `kv_cache[0, i]` in the loop copied the whole key half once per layer.
         n = self.cfg.num_layers
-        parts = kv_cache.view(2 * n, *kv_cache.shape[2:]).unbind(0)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, parts[i], parts[n + i], ctx)
+            x, k, v = layer(x, caches[i], caches[n + i], ctx)
             new_k.append(k)
             new_v.append(v)
         if self.last_logits_only:
@@ -217,10 +223,44 @@ class StreamingLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         if self.last_logits_only:
             logits = logits.view(1, -1)
-        return logits, cat_tree(new_k + new_v).view(kv_cache.shape)
+        return logits, new_k + new_v
+
+    def stacked(self, entries: list[Tensor]) -> Tensor:
+        """2L entries [KV, T, D] as one tensor [2, L, KV, T, D], the stacked cache's layout."""
+        return cat_tree(entries).view(2, self.cfg.num_layers, *entries[0].shape)
+
+    def write_slots(self, caches: list[Tensor], entries: list[Tensor], input_pos: Tensor) -> None:
+        """Write each entry [KV, T, D] into its slots of its cache [KV, C, D], in place (an index_put_, which
+        ExecuTorch's reinplace pass keeps in place: one slot per layer written a token, nothing copied).
+        Entries feeding a slot a later entry of the chunk also writes are replaced by that later one first,
+        so a scatter with repeated slots writes equal values, in any order."""
+        s, w = self.sink, self.window
+        t = entries[0].shape[1]
+        q_pos = input_pos.to(torch.int64) + torch.arange(t, dtype=torch.int64)
+        newest = None
+        if t > 1:
+            i = torch.arange(t, dtype=torch.int64)
+            newest = torch.where(q_pos < s, i, i + w * torch.div(t - 1 - i, w, rounding_mode="floor"))
+        slots = slot_index(q_pos, s, w)
+        for cache, entry in zip(caches, entries, strict=True):
+            cache[:, slots] = entry if newest is None else entry.index_select(1, newest)
+
+    def blended(self, cache: Tensor, entries: Tensor, input_pos: Tensor) -> Tensor:
+        """The stacked cache with stacked entries [2, L, KV, T, D] in their slots, as a fixed-shape blend of
+        the whole cache (keep or pick each slot: the form coremltools converts; it rejects index_copy)."""
+        t = entries.shape[3]
+        written, src = chunk_writes(input_pos.to(torch.int64), t, self.sink, self.window)
+        keep = torch.logical_not(written).to(cache.dtype).view(-1, 1)
+        pick = torch.logical_and(written[:, None], src[:, None] == torch.arange(t)[None, :]).to(cache.dtype)
+        # One token: a broadcast product rather than a matmul.
+        return cache * keep + (pick * entries if t == 1 else torch.matmul(pick, entries))
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, OpenVINO)."""
-        logits, kv = self.step(tokens, input_pos, self.kv_cache)
-        self.kv_cache.copy_(kv)
+        """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, eager)."""
+        caches = self.caches()
+        logits, entries = self.step(tokens, input_pos, caches)
+        if self.write_in_place:
+            self.write_slots(caches, entries, input_pos)
+        else:
+            self.kv_cache.copy_(self.blended(self.kv_cache, self.stacked(entries), input_pos))
         return logits

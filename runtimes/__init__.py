@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.cache import slot_of
 from exporter.config import EdgekvError
 from exporter.manifest import read_manifest
 
@@ -62,6 +63,21 @@ class Runner:
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         raise NotImplementedError
+
+    def _cache_buffer(self) -> np.ndarray:
+        """One zeroed buffer [2L, KV, C, D] for a graph that reads its cache as 2L inputs (role "cache", keys
+        of each layer, then values): `buffer[j]` is input j, a view the runtime reads in place."""
+        caches = [i for i in self.manifest["inputs"] if i["role"] == "cache"]
+        self.cache_inputs = [i["name"] for i in caches]
+        return np.zeros([len(caches), *caches[0]["shape"]], np.float32)
+
+    def _write_entries(self, cache: np.ndarray, entries: np.ndarray, pos: int) -> None:
+        """Write a chunk's cache entries [2, L, KV, T, D] (the `cache_update` output) into their slots of the
+        buffer, in place. A slot repeated within the chunk (a chunk longer than the ring) keeps the later entry,
+        as NumPy assigns repeated indices in order."""
+        sink, window = self.manifest["sink"], self.manifest["window"]
+        slots = [slot_of(p, sink, window) for p in range(pos, pos + entries.shape[3])]
+        cache[:, :, slots] = entries.reshape(cache.shape[0], *entries.shape[2:])
 
 
 def open_artifact(folder: Path) -> Runner:

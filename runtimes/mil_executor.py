@@ -198,6 +198,7 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
     "matmul": _matmul,
     "reduce_mean": _reduce(np.mean),
     "reduce_max": _reduce(np.max),
+    "reduce_sum": _reduce(np.sum),
     "abs": lambda x: np.abs(x),
     "inverse": _inverse,
     "rsqrt": _rsqrt,

@@ -1,5 +1,6 @@
-"""onnxruntime: the cache lives in two preallocated buffers bound with IO binding and swapped each
-call (an output may not alias its input), so it never round-trips through Python."""
+"""onnxruntime: the cache is one preallocated buffer whose per-layer parts are bound as the graph's cache inputs
+with IO binding (no copy); the graph returns the chunk's new entries and the runner writes them into their
+slots, in place."""
 
 from __future__ import annotations
 
@@ -19,22 +20,22 @@ class OnnxRunner(Runner):
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.folder / manifest["files"]["model"]), opts,
                                             providers=["CPUExecutionProvider"])
-        shape = next(i["shape"] for i in manifest["inputs"] if i["name"] == "kv_cache")
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2)]
-        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
-        self.current = 0
+        self.cache = self._cache_buffer()
         self.binding = self.session.io_binding()
+        # Each OrtValue shares its part of the buffer's memory: slot writes below are what the next call reads.
+        for name, part in zip(self.cache_inputs, self.cache, strict=True):
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(part))
         self.binding.bind_output("logits")
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        b, cur = self.binding, self.current
+        b = self.binding
         b.bind_cpu_input("tokens", tokens)
         b.bind_cpu_input("input_pos", np.array([pos], dtype=np.int64))
-        b.bind_ortvalue_input("kv_cache", self.values[cur])
-        b.bind_ortvalue_output("kv_cache_out", self.values[1 - cur])
+        b.bind_output("kv_update")  # bound afresh: its shape follows the chunk
         self.session.run_with_iobinding(b)
-        self.current = 1 - cur
-        return b.copy_outputs_to_cpu()[0][0]
+        logits, entries = b.copy_outputs_to_cpu()
+        self._write_entries(self.cache, entries, pos)
+        return logits[0]
 
 
 def load(folder: Path, manifest: dict) -> Runner:

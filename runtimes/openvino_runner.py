@@ -1,4 +1,6 @@
-"""OpenVINO CPU plugin with f32 inference precision (for validation); the cache is internal state."""
+"""OpenVINO CPU plugin with f32 inference precision (for validation). The cache is one buffer whose per-layer
+parts are the request's cache input tensors (shared memory, no copy); the graph returns the chunk's new entries
+and the runner writes them into their slots in place, as for ONNX."""
 
 from __future__ import annotations
 
@@ -16,15 +18,15 @@ class OpenVinoRunner(Runner):
 
         compiled = ov.Core().compile_model(str(self.folder / manifest["files"]["model"]), "CPU",
                                            {"INFERENCE_PRECISION_HINT": precision})
-        self.logits = compiled.output("logits")
+        self.logits, self.entries = compiled.output("logits"), compiled.output("kv_update")
         self.request = compiled.create_infer_request()
-
-    def reset(self) -> None:
-        super().reset()
-        self.request.reset_state()
+        self.cache = self._cache_buffer()
+        for name, part in zip(self.cache_inputs, self.cache, strict=True):
+            self.request.set_tensor(name, ov.Tensor(part, shared_memory=True))
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         self.request.infer({"tokens": tokens, "input_pos": np.array([pos], dtype=np.int64)})
+        self._write_entries(self.cache, self.request.get_tensor(self.entries).data, pos)
         return self.request.get_tensor(self.logits).data[0].copy()
 
 

@@ -70,7 +70,7 @@ def text(node, source: bytes) -> str:
 
 def swift_types(parser: Parser, source: bytes) -> dict[str, dict]:
     """Every struct and enum by name: stored properties {name: (type, optional)}, enum cases
-    [(case, raw value)], and static constants {name: source text}."""
+    (their raw values), and static constants {name: source text}."""
     found = {}
 
     def walk(node):
@@ -90,7 +90,8 @@ def swift_types(parser: Parser, source: bytes) -> dict[str, dict]:
                         info["props"][ident] = (swift_type.rstrip("?"), swift_type.endswith("?"))
                 elif member.type == "enum_entry":
                     case = next(c for c in member.children if c.type == "simple_identifier")
-                    info["cases"].append(text(case, source))
+                    raw = [c for c in member.children if c.type == "line_string_literal"]  # case a = "raw"
+                    info["cases"].append(text(raw[0], source).strip('"') if raw else text(case, source))
             found[name] = info
         for child in node.children:
             walk(child)

@@ -216,6 +216,7 @@ def test_reductions_and_activations(tmp_path, dtype):
     x = rand((2, 4, 33), dtype)
     cases = {
         "reduce_mean": (lambda a: mb.reduce_mean(x=a, axes=[-1], keep_dims=True), lambda v: v.mean(-1, keepdim=True)),
+        "reduce_sum": (lambda a: mb.reduce_sum(x=a, axes=[1], keep_dims=False), lambda v: v.sum(1)),
         "softmax": (lambda a: mb.softmax(x=a, axis=-1), lambda v: torch.softmax(v, -1)),
         "silu": (lambda a: mb.silu(x=a), torch.nn.functional.silu),
         "reduce_max": (lambda a: mb.reduce_max(x=mb.abs(x=a), axes=[0, 2], keep_dims=False),

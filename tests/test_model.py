@@ -67,9 +67,15 @@ def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("sink,window", [(4, 7), (0, 5), (1, 6)])
-def test_matches_reference_over_several_wraps(kind, sink, window, tmp_path):
+@pytest.mark.parametrize("write", ["slots", "blend", "per-layer"])
+def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_path):
+    """Every cache write: slots in place (eager), the whole-cache blend (Core ML), per-layer buffers (ExecuTorch)."""
     ckpt = load_checkpoint(make_tiny(kind, tmp_path))
     model = build_model(ckpt, sink, window, max_chunk=16)
+    model.write_in_place = write != "blend"
+    if write == "per-layer":
+        model = model.per_layer_cache()
+        assert "kv_cache" not in dict(model.named_buffers()) and len(model.caches()) == 2 * ckpt.config.num_layers
     n = sink + 3 * window + 5  # three full wraps of the ring and a bit
     tokens = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(2))
     ref = Reference(model)

@@ -49,7 +49,9 @@ def trace(model: StreamingLM, tokens: int, token_dtype: torch.dtype = torch.int6
         return torch.export.export(model, args, strict=False)
 
 
-ROLES = ("tokens", "position", "logits", "cache")
+# cache_update: a chunk's new cache entries [2, L, KV, T, D], which the caller writes into the cache input at
+# slots slot_of(position + t) (ONNX, whose graphs cannot update an input in place).
+ROLES = ("tokens", "position", "logits", "cache", "cache_update")
 
 
 def io_entry(role: str, name: str, dtype: str, shape: list) -> dict:

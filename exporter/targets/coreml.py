@@ -3,6 +3,7 @@ and `decode` + `prefill` functions in one multifunction package that shares the 
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -73,6 +74,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     import numpy as np
 
     _fp16_warnings(model)
+    # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
+    # copy, so the caller's model keeps its in-place write.
+    model = copy.copy(model)
+    model.write_in_place = False
     shape = tuple(model.kv_cache.shape)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         desc = ct.utils.MultiFunctionDescriptor()

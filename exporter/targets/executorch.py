@@ -51,14 +51,19 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     if quant.bits:
         model = quantize(model, quant)
         spec.log(f"quantized weights to {quant.scheme} with torchao")
-    programs = {"decode": trace(model, 1), "prefill": trace(model, spec.chunk)}
+    # One buffer per layer and half: ExecuTorch copies every slice it takes of a buffer.
+    split = model.per_layer_cache()
+    programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk)}
     spec.log("traced decode and prefill")
     edge = exir.to_edge_transform_and_lower(programs, partitioner=[xnn.XnnpackPartitioner()])
     spec.log("lowered to XNNPACK")
-    # share_mutable_buffers: both methods read and write one kv_cache allocation.
+    # share_mutable_buffers: both methods read and write the same cache buffers.
     config = exir.ExecutorchBackendConfig(
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
         do_quant_fusion_and_const_prop=bool(quant.bits),  # dequantize + embedding -> quantized embedding op
+        # The cache write (StreamingLM.written: index_put_ of the new entries) runs in place on the buffer:
+        # one slot per layer written a token, the cache never copied.
+        run_reinplace_pass=True,
     )
     program = edge.to_executorch(config)
     (out_dir / "model.pte").write_bytes(program.buffer)
@@ -67,7 +72,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "entries": {"decode": "decode", "prefill": "prefill"},
         "inputs": [io_entry("tokens", "tokens", "int64", [1, "T"]), io_entry("position", "input_pos", "int64", [1])],
         "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size])],
-        "state": [io_entry("cache", "kv_cache", "float32", list(model.kv_cache.shape))],
+        "state": [io_entry("cache", f"cache_{j}", "float32", list(c.shape)) for j, c in enumerate(split.caches())],
         "compute_precision": "float32",
         "quantization": quant.manifest(
             f"torchao Int8DynamicActivationIntxWeightConfig ({quant.scheme}) + XNNPACK" if quant.bits else "none",

@@ -6,7 +6,7 @@ import Foundation
 /// Python tests, so the exporter and the app cannot drift apart silently.
 public struct Manifest: Codable, Equatable, Sendable {
     /// The manifest format this app reads (`FORMAT_VERSION` in exporter/manifest.py).
-    public static let supportedFormatVersion = 2
+    public static let supportedFormatVersion = 3
     public static let fileName = "edgekv.json"
 
     public let formatVersion: Int
@@ -189,6 +189,8 @@ public enum TensorRole: String, Codable, Sendable, CaseIterable {
     case position
     case logits
     case cache
+    /// A chunk's new cache entries, written by the caller into the cache's slots (ONNX, OpenVINO; never Core ML).
+    case cacheUpdate = "cache_update"
 }
 
 public struct TensorSpec: Codable, Equatable, Sendable {
