@@ -134,6 +134,38 @@ def test_coreml_package_carries_quantized_weights(tiny, scheme):
                 assert [d.constant.size for d in offset.dimensions] == [rows, cols // 32]
 
 
+def test_int4_offsets_stay_float_and_every_other_product_is_4_bit(tiny):
+    """Affine int4 on ONNX and OpenVINO: the 2 x 7 linear layers and the tied output projection are 4-bit
+    products, each with its offset product (found by module scope, exporter.targets.onnx.offset_products)
+    left in float32: a quantized offset would not give the affine weights back."""
+    import onnx
+    import openvino as ov
+
+    from exporter.targets.onnx import offset_products
+
+    out, _ = tiny
+    graph = onnx.load(str(out / "onnx-int4" / "model.onnx")).graph
+    offsets = set(offset_products(graph))
+    assert len(offsets) == 15 and sum(n.op_type == "MatMulNBits" for n in graph.node) == 15
+    floats = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name in offsets:
+            assert node.op_type == "MatMul"
+            weight = producer[node.input[1]]  # a float16 table behind the Cast onnxruntime folds at load,
+            if weight.op_type == "Transpose":  # read transposed where it is the tied lookup's table too
+                weight = producer[weight.input[0]]
+            assert weight.op_type == "Cast" and weight.input[0] in floats
+    ir = ov.Core().read_model(str(out / "openvino-int4" / "model.xml"))
+    weights = {op.get_friendly_name(): op.input_value(1).get_node() for op in ir.get_ordered_ops()
+               if op.get_type_name() == "MatMul" and op.input_value(1).get_node().get_type_name() != "Parameter"}
+    kept = {name for name, w in weights.items() if w.get_type_name() == "Constant"}
+    assert kept == offsets and all(weights[n].get_element_type() == ov.Type.f32 for n in kept)
+    consts = [op for op in ir.get_ordered_ops() if op.get_type_name() == "Constant"]
+    # int4 tables: the 15 products' weights and the embedding lookup's
+    assert sum(op.get_element_type() == ov.Type.i4 for op in consts) == 16
+
+
 def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):
     folder = make_tiny("qwen2", tmp_path / "hf")  # hidden 48
     r = edgekv("export", "--target", "onnx", "--model", str(folder), "--quantize", "int4", "--out",

@@ -6,6 +6,7 @@ and the cache is never copied."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,22 @@ def tied_gather(node, matmul, vocab: int, quant: Quantization) -> list:
     return [*reshapes, gather_block_quantized(node, f"{node.name}_data", f"{node.name}_scales", quant)]
 
 
+def offset_products(graph) -> list[str]:
+    """The MatMul nodes torch.onnx exported from modules named `offset` (the float offsets of affine int4,
+    exporter.quantize.OffsetLinear), found by the module scopes it records on every node: the quantizers must
+    leave them in float. OpenVINO's converter keeps these node names."""
+    def scopes(node):
+        text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        return ast.literal_eval(text)
+
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and any(s.rpartition(".")[2] == "offset" for s in scopes(n))]
+
+
 def quantize_onnx(path: Path, quant: Quantization) -> None:
     """Weights of every MatMul -> MatMulNBits (onnxruntime's quantizer; accuracy level 4: int8 activations in
     the product), the embedding lookup -> GatherBlockQuantized. In place. The float32 offsets of affine int4
-    (exporter.quantize.with_offsets: the products of group sums, from ReduceSum, and the `offset` tables) stay."""
+    (exporter.quantize.with_offsets: the products of group sums and the `offset` tables) stay."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
@@ -120,8 +133,7 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
     graph = model.graph
     tables = {t.name: t for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
-    offsets = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in producer
-               and producer[n.input[0]].op_type == "ReduceSum"]
+    offsets = offset_products(graph)
     tied = {}  # table -> the MatMul that reads it transposed (the tied output projection)
     for node in list(graph.node):
         source = producer.get(node.input[1]) if node.op_type == "MatMul" and node.name not in offsets else None

@@ -9,24 +9,25 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, with_offsets
 from exporter.targets import ExportSpec, require
-from exporter.targets.onnx import pure_io, write_onnx
+from exporter.targets.onnx import offset_products, pure_io, write_onnx
 
 NNCF_MODE = {"int8": "INT8_SYM", "int4": "INT4_SYM"}
 
 
-def compress(ir, quant: Quantization):
+def compress(ir, quant: Quantization, offset_matmuls: list[str]):
     """NNCF weight compression: every MatMul and the (tied) embedding, data-free. `all_layers` keeps NNCF from
     leaving the embedding and the output projection in int8 backup precision under int4."""
     nncf = require("nncf", "nncf==3.4.0")
     mode = getattr(nncf.CompressWeightsMode, NNCF_MODE[quant.scheme])
     if quant.bits == 4:
         # Affine int4 as symmetric weights + float32 offsets (exporter.quantize.with_offsets): the offsets stay.
-        offsets = [op.get_friendly_name() for op in ir.get_ordered_ops() if (
-            op.get_type_name() == "MatMul" and op.input_value(0).get_node().get_type_name() == "ReduceSum"
-            or op.get_type_name() == "Gather"
+        offsets = offset_matmuls + [op.get_friendly_name() for op in ir.get_ordered_ops() if (
+            op.get_type_name() == "Gather"
             and op.input_value(0).get_node().get_friendly_name().endswith("offset.weight"))]
         return nncf.compress_weights(ir, mode=mode, group_size=quant.group_size, ratio=1.0, all_layers=True,
                                      ignored_scope=nncf.IgnoredScope(names=offsets))
@@ -42,9 +43,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         write_onnx(model, onnx_path, spec.chunk)
         spec.log("converted to ONNX")
         ir = ov.convert_model(str(onnx_path))
+        offsets = offset_products(onnx.load(str(onnx_path), load_external_data=False).graph)
     quant = spec.quant
     if quant.bits:
-        ir = compress(ir, quant)
+        ir = compress(ir, quant, offsets)
         spec.log(f"compressed weights to {quant.scheme} with NNCF")
     ov.save_model(ir, str(out_dir / "model.xml"), compress_to_fp16=False)  # keep fp32 weights
     spec.log("converted to OpenVINO IR")
