@@ -6,7 +6,7 @@ Every 2-D weight (linear layers, the tied embedding) is quantized and dequantize
 input channels: int8 symmetric, int4 symmetric, int4 asymmetric (integer zero point), int4 affine (float zero
 point: llama.cpp's Q4_1 grid, what `edgekv export --quantize int4` writes), and the last with the (tied)
 embedding left in fp32. Then the perplexity of
-../shared/data/tinyshakespeare.txt is measured in sink mode with the default cache (4 + 1020), chunk 64.
+data/tinyshakespeare.txt is measured in sink mode with the default cache (4 + 1020), chunk 64.
 This separates the cost of the scheme from that of each target's kernels (e.g. int8 activations).
 """
 
@@ -25,7 +25,7 @@ from exporter.loaders import build_model, load_checkpoint, load_tokenizer  # noq
 from exporter.ppl import read_tokens, stream_nll  # noqa: E402
 from exporter.quantize import affine_round_trip  # noqa: E402
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False),
            "int4 affine": "affine", "int4 affine, fp32 embedding": "affine"}
 

@@ -9,7 +9,7 @@ Exports the missing artifacts first (default cache: 4 sink + 1020 window slots, 
 each one through --tokens positions in its own process, timing one-token decode at the positions below.
 transformers and llama.cpp run the same tokens up to 8,192 with their growing caches. Medians and
 ratios all come from this one run: the machine is shared and noisy, so compare within a run only.
-Quality: perplexity of ../shared/data/tinyshakespeare.txt (sink mode, the artifact's cache), per artifact.
+Quality: perplexity of data/tinyshakespeare.txt (sink mode, the artifact's cache), per artifact.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from exporter.bench import bench_artifact, in_fresh_process, peak_rss_mb, plot, 
 
 TARGETS = ("executorch", "onnx", "openvino")
 HF_POSITIONS = (1024, 4096, 8192)
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
 def folder_name(target: str, scheme: str) -> str:

@@ -88,7 +88,8 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
         "sink": sink, "window": window, "chunk": chunk,
         "vocab_size": cfg.vocab_size,
         "special_tokens": special_tokens(ckpt.tokenizer_dir, load_tokenizer(ckpt.tokenizer_dir)),
-        "cache_layout": "[2 (keys, values), layer, kv_head, slot, head_dim]; keys stored before rotation",
+        "cache_layout": ("[2 (keys, values), layer, kv_head, slot, head_dim], one tensor per layer and half where the "
+                         "target splits it; keys stored rotated as their slot's position (docs/cache.md)"),
     }
 
 

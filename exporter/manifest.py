@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exporter.config import EdgekvError
 
-FORMAT_VERSION = 3  # 2: tensors carry a `role`; 3: keys cached rotated at their slot, ONNX/OpenVINO cache_update
+FORMAT_VERSION = 3  # raised whenever an older folder would be misread; older ones are refused with "re-export"
 MANIFEST = "edgekv.json"
 SCHEMA = Path(__file__).with_name("edgekv.schema.json")  # the one schema; the iOS app is checked against it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

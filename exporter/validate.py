@@ -17,7 +17,7 @@ from tqdm import tqdm
 from exporter.config import EdgekvError
 from exporter.manifest import read_manifest
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "shakespeare-excerpt.txt"
+DEFAULT_TEXT = Path(__file__).with_name("data") / "shakespeare-excerpt.txt"  # package data: a wheel ships it
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
 # Core ML computes in fp16 (10-bit mantissa). Measured with the NumPy MIL executor on SmolLM2 (S=4, W=60,
@@ -41,6 +41,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unquantized", type=Path, metavar="DIR",
                    help="for a quantized artifact: its target's unquantized export of the same model and cache to "
                         "compare with (default: export one into a temporary folder)")
+    p.add_argument("--onnx", type=Path, metavar="DIR",
+                   help="for an unquantized artifact: an ONNX export of the same model and cache to run in onnxruntime "
+                        "(default: export one into a temporary folder)")
+    p.add_argument("--model", help="the checkpoint the artifact was exported from, if it is no longer where the "
+                                   "manifest's source.model says")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -85,9 +90,26 @@ def main(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.artifact)
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]
     n = args.tokens or sink + 3 * window + chunk
-    ckpt = load_checkpoint(manifest["source"]["model"])
+    scheme = manifest.get("quantization", {}).get("scheme", "none")
+    if args.onnx and scheme != "none":
+        raise EdgekvError("--onnx is for unquantized artifacts; compare a quantized one with --unquantized DIR")
+    if args.unquantized and scheme == "none":
+        raise EdgekvError(f"{args.artifact} is not quantized; --unquantized is for quantized artifacts")
+    # The cross-check: an fp32 artifact against onnxruntime running the same model; a quantized one against its
+    # own target's unquantized export, so that pair measures quantization alone. Given, or exported below.
+    check, given, flag = ("onnx", args.onnx, "--onnx") if scheme == "none" else (
+        target, args.unquantized, "--unquantized")
+    if given:
+        matching_export(given, manifest, check, flag)
+    try:
+        ckpt = load_checkpoint(args.model or manifest["source"]["model"])
+    except EdgekvError as e:
+        if args.model:
+            raise
+        raise EdgekvError(f"{e} (the model {args.artifact} was exported from; pass --model if it moved)") from None
     if ckpt.weights_hash() != manifest["source"]["weights_sha256"]:
-        raise EdgekvError(f"{ckpt.source} changed since {args.artifact} was exported; re-export it")
+        raise EdgekvError(f"{ckpt.source} has other weights than {args.artifact} was exported from; "
+                          "pass that model with --model, or re-export")
     ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), args.text, n)
     if len(ids) < n:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
@@ -96,7 +118,6 @@ def main(args: argparse.Namespace) -> int:
     model = build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True)
 
     runs = {"reference": ("fp32", ReferenceRunner(model, None))}  # name -> (precision, runner)
-    scheme = manifest.get("quantization", {}).get("scheme", "none")
     unquantized = "fp16" if manifest.get("compute_precision") == "float16" else "fp32"
     own, suffix = (unquantized, "") if scheme == "none" else (scheme, f"-{scheme}")
     not_run = []
@@ -111,15 +132,11 @@ def main(args: argparse.Namespace) -> int:
         runs["onnxruntime" if target == "onnx" and scheme == "none" else f"{target}{suffix}"] = (
             own, open_artifact(args.artifact))
     with tempfile.TemporaryDirectory() as tmp:
-        # The cross-check: an fp32 artifact against onnxruntime running the same model; a quantized one against
-        # its own target's unquantized export, so that pair measures quantization alone.
         from exporter.export import export_one, manifest_base
 
-        check = "onnx" if scheme == "none" else target
         if "onnxruntime" not in runs:
-            folder = (unquantized_twin(args.unquantized, manifest) if args.unquantized and scheme != "none" else
-                      export_one(model, ckpt, check, Path(tmp) / check, manifest_base(ckpt, sink, window, chunk),
-                                 chunk))
+            folder = given or export_one(model, ckpt, check, Path(tmp) / check,
+                                         manifest_base(ckpt, sink, window, chunk), chunk)
             if scheme == "none":
                 runs["onnxruntime"] = ("fp32", open_artifact(folder))
             elif target == "coreml":
@@ -169,15 +186,16 @@ def main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def unquantized_twin(folder: Path, manifest: dict) -> Path:
-    """--unquantized DIR, checked to be the same target, model and cache without quantization."""
+def matching_export(folder: Path, manifest: dict, target: str, flag: str) -> Path:
+    """The export given by `flag`, checked to be an unquantized `target` export of the same weights and cache."""
     twin = read_manifest(folder)
-    same = ("target", "sink", "window", "chunk")
-    if any(twin[k] != manifest[k] for k in same) or twin["source"] != manifest["source"]:
-        raise EdgekvError(f"{folder} is not the same target, model and cache as the artifact; "
-                          "pass the matching unquantized export or leave out --unquantized")
+    same = ("sink", "window", "chunk")
+    if (twin["target"] != target or any(twin[k] != manifest[k] for k in same)
+            or twin["source"]["weights_sha256"] != manifest["source"]["weights_sha256"]):
+        raise EdgekvError(f"{folder} is not a {target} export of the same model and cache as the artifact; "
+                          f"pass a matching one or leave out {flag}")
     if twin.get("quantization", {}).get("scheme", "none") != "none":
-        raise EdgekvError(f"{folder} is quantized; --unquantized takes an export made without --quantize")
+        raise EdgekvError(f"{folder} is quantized; {flag} takes an export made without --quantize")
     return folder
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TEXT = SHARED_DATA / "tinyshakespeare.txt"
+TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 RUNNABLE = ("executorch", "onnx", "openvino")  # the targets whose runtime runs on Linux
+TARGETS = ("executorch", "coreml", "onnx", "openvino")  # slowest conversion first
 
 # Grouped-query heads and head_dim != hidden / heads wherever the config allows it.
 TINY = {
@@ -68,9 +69,18 @@ def smollm2_text_ids(smollm2):
 @pytest.fixture(scope="session")
 def smol_artifacts(tmp_path_factory):
     """SmolLM2 exported to every target (fp32; Core ML fp16) with a small ring: S=4, W=60, chunk 16."""
-    out = tmp_path_factory.mktemp("smol")
-    r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    return export_all(tmp_path_factory.mktemp("smol"), "--window", "60", "--chunk", "16")
+
+
+def export_all(out: Path, *args: str, schemes: tuple[str, ...] = ("none",)) -> Path:
+    """`edgekv export` to every target with each scheme, one process per artifact, two at a time: a conversion is
+    mostly single-threaded Python, so two of them keep both cores busy (ExecuTorch's, the slowest, start first)."""
+    jobs = [(t, s) for t in TARGETS for s in schemes]
+    with ThreadPoolExecutor(2) as pool:
+        runs = pool.map(lambda job: edgekv("export", "--target", job[0], "--quantize", job[1], *args,
+                                           "--out", str(out)), jobs)
+        for (target, scheme), r in zip(jobs, runs, strict=True):
+            assert r.returncode == 0, f"{target} {scheme}: {r.stderr[-2000:]}"
     return out
 
 

@@ -18,7 +18,7 @@ from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_smollm2_exports_and_validates(smol_artifacts, target):
-    r = edgekv("validate", str(smol_artifacts / target), "--json")
+    r = edgekv("validate", str(smol_artifacts / target), "--onnx", str(smol_artifacts / "onnx"), "--json")
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and result["target"] == target and result["tokens"] == 4 + 3 * 60 + 16
@@ -27,7 +27,7 @@ def test_smollm2_exports_and_validates(smol_artifacts, target):
 
 
 def test_smollm2_coreml_validates_through_the_mil_executor(smol_artifacts):
-    r = edgekv("validate", str(smol_artifacts / "coreml"), "--json")
+    r = edgekv("validate", str(smol_artifacts / "coreml"), "--onnx", str(smol_artifacts / "onnx"), "--json")
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and result["tokens"] == 4 + 3 * 60 + 16

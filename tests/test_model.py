@@ -56,7 +56,7 @@ def test_window_mode_equals_mistral_sliding_window_at_every_position(tmp_path):
 def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
     from transformers import AutoModelForCausalLM
 
-    path = Path(smollm2.source)
+    path = smollm2.files[0]
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokens = torch.tensor([smollm2_text_ids[:96]])
     with torch.no_grad():

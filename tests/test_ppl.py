@@ -9,7 +9,7 @@ import pytest
 from exporter.ppl import eager_nll, summarize
 from tests.conftest import TEXT, make_tiny
 
-# Measured by a literal implementation of the contract (../shared/DESIGN.md), fp32, first 2,000 tokens.
+# Measured by a literal implementation of the contract (docs/cache.md), fp32, first 2,000 tokens.
 DESIGN = {"dense": 36.78, "sink": 39.73, "window": 68.42}
 
 

@@ -10,7 +10,7 @@ import torch
 from exporter.loaders import build_model, load_checkpoint
 from exporter.quantize import affine_int4, affine_round_trip, split_affine, with_offsets
 from exporter.validate import QUANT_BOUNDS
-from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
+from tests.conftest import RUNNABLE, edgekv, export_all, make_tiny, one_line_error
 
 SCHEMES = ("int8", "int4")
 TARGETS = (*RUNNABLE, "coreml")
@@ -60,19 +60,18 @@ def test_offsets_compute_the_affine_weights(tmp_path):
     assert (a - c).abs().max().item() > 1e-3 * c.abs().max().item()  # and rounding did change the logits
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A tied-embedding Llama (hidden 64: one group of 32 splits every row) and a text of random tokens, so
-    the prediction changes with every position (the shipped text is all unknown words for this vocabulary)."""
+    """A tied-embedding Llama (hidden 64: one group of 32 splits every row) exported unquantized and with each
+    scheme, and a text of random tokens, so the prediction changes with every position (the shipped text is all
+    unknown words for this vocabulary)."""
     tmp = tmp_path_factory.mktemp("tinyq")
     folder = make_tiny("llama", tmp / "hf", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
     rng = random.Random(0)
     text = tmp / "words.txt"
     text.write_text(" ".join(f"w{rng.randrange(128)}" for _ in range(300)))
-    for scheme in SCHEMES:
-        r = edgekv("export", "--target", "all", "--model", str(folder), "--sink", "2", "--window", "12",
-                   "--chunk", "4", "--quantize", scheme, "--out", str(tmp / "out"))
-        assert r.returncode == 0, r.stderr[-2000:]
+    export_all(tmp / "out", "--model", str(folder), "--sink", "2", "--window", "12", "--chunk", "4",
+               schemes=("none", *SCHEMES))
     return tmp / "out", text
 
 
@@ -90,7 +89,8 @@ def test_tiny_quantized_export_validates(tiny, target, scheme):
     assert manifest["quantization"]["scheme"] == scheme
     caches = [t for t in manifest["state"] + manifest["inputs"] if t["role"] == "cache"]
     assert caches and {c["dtype"] for c in caches} == {manifest["quantization"]["cache_dtype"]}
-    r = edgekv("validate", str(out / f"{target}-{scheme}"), "--text", str(text), "--json")
+    r = edgekv("validate", str(out / f"{target}-{scheme}"), "--unquantized", str(out / target), "--text", str(text),
+               "--json")
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and result["quantization"] == scheme and result["tokens"] == 2 + 3 * 12 + 4
@@ -186,14 +186,9 @@ def test_validate_refuses_a_mismatched_unquantized_twin(tiny):
 # --- SmolLM2 ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_quantized(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smolq")
-    for scheme in SCHEMES:
-        r = edgekv("export", "--target", "all", "--window", "60", "--chunk", "16", "--quantize", scheme,
-                   "--out", str(out))
-        assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    return export_all(tmp_path_factory.mktemp("smolq"), "--window", "60", "--chunk", "16", schemes=SCHEMES)
 
 
 def weight_bytes(folder) -> int:
@@ -204,6 +199,7 @@ def weight_bytes(folder) -> int:
     return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("target", TARGETS)
 def test_smollm2_quantized_validates_and_shrinks(smol_artifacts, smol_quantized, target, scheme):
