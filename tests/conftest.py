@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +72,24 @@ def smollm2_text_ids(smollm2):
 @pytest.fixture(scope="session")
 def smol_artifacts(tmp_path_factory):
     """SmolLM2 exported to every target (fp32; Core ML fp16) with a small ring: S=4, W=60, chunk 16."""
-    return export_all(tmp_path_factory.mktemp("smol"), "--window", "60", "--chunk", "16")
+    return kept_exports(tmp_path_factory, "smol", "--window", "60", "--chunk", "16")
+
+
+def kept_exports(tmp_path_factory, name: str, *args: str) -> Path:
+    """export_all into this session's tmp folder, or, when EDGEKV_TEST_ARTIFACTS names a folder (CI does), into
+    that folder, reused by later sessions of the same run (the slow tier reuses the default tier's exports). A
+    folder is reused only if its export finished with the same arguments; it never outlives the code: CI's is new."""
+    keep = os.environ.get("EDGEKV_TEST_ARTIFACTS")
+    if not keep:
+        return export_all(tmp_path_factory.mktemp(name), *args)
+    out, key = Path(keep) / name, json.dumps(args)
+    done = out / "exported-with.json"
+    if done.is_file() and done.read_text() == key:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    export_all(out, *args)
+    done.write_text(key)
+    return out
 
 
 def export_all(out: Path, *args: str, schemes: tuple[str, ...] = ("none",)) -> Path:

@@ -1,12 +1,14 @@
 import EdgeKVCore
+import EdgeKVRuntime
 import SwiftUI
 import UniformTypeIdentifiers
 
 struct ChatView: View {
-    @State private var model = ChatViewModel()
+    @State private var model = ChatViewModel { try await ChatSession.load(folder: $0) }
     @State private var draft = ""
     @State private var importing = false
     @State private var showingSettings = false
+    @State private var pickedFolder: URL?  // a Files-app folder stays readable while the app uses it
 
     var body: some View {
         NavigationStack {
@@ -32,7 +34,7 @@ struct ChatView: View {
             }
             .fileImporter(isPresented: $importing, allowedContentTypes: [.folder]) { result in
                 if case .success(let url) = result {
-                    model.load(folder: url, securityScoped: true)
+                    open(picked: url)
                 }
             }
             .sheet(isPresented: $showingSettings) {
@@ -95,6 +97,12 @@ struct ChatView: View {
     private func send() {
         model.send(draft)
         draft = ""
+    }
+
+    private func open(picked url: URL) {
+        pickedFolder?.stopAccessingSecurityScopedResource()
+        pickedFolder = url.startAccessingSecurityScopedResource() ? url : nil
+        model.load(folder: url)
     }
 }
 

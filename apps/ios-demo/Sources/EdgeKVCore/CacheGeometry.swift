@@ -36,6 +36,23 @@ public struct CacheGeometry: Equatable, Sendable {
         let recentStart = max(sink, position - window + 1)
         return sinks + (recentStart <= position ? Array(recentStart...position) : [])
     }
+
+    /// The slots the token at `position` attends to once it is written, in slot order (what the
+    /// exported model's mask lets through).
+    public func visibleSlots(from position: Int) -> [Int] {
+        visiblePositions(from: position).map(slot(of:)).sorted()
+    }
+
+    /// The absolute position each slot holds once tokens 0...last were written, -1 for a slot not
+    /// written yet (`slot_positions` in exporter/cache.py, which the exported model computes).
+    public func heldPositions(through last: Int) -> [Int] {
+        (0..<capacity).map { slot in
+            if slot < sink { return slot <= last ? slot : -1 }
+            let newest = last - sink  // ring index of the newest window token
+            let behind = ((newest - (slot - sink)) % window + window) % window
+            return newest - behind >= 0 ? sink + newest - behind : -1
+        }
+    }
 }
 
 /// How a run of tokens is fed: full chunks through the prefill entry, the rest one token at a time

@@ -90,6 +90,12 @@ public struct Manifest: Codable, Equatable, Sendable {
         public let eos: Int?
         public let pad: Int?
         public let unk: Int?
+
+        /// The ids a chat template refers to by name (transformers puts their text in its context).
+        public var templateNames: [(name: String, id: Int)] {
+            [("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)]
+                .compactMap { name, id in id.map { (name, $0) } }
+        }
     }
 
     /// Names of the one-token and the chunk entry (Core ML: functions of the multifunction package).
@@ -132,6 +138,19 @@ public struct Manifest: Codable, Equatable, Sendable {
     }
 
     public var geometry: CacheGeometry { CacheGeometry(sink: sink, window: window) }
+
+    /// Tokens that end a reply: the end-of-sequence token, when the tokenizer names one.
+    public var stopTokens: Set<Int> { Set([specialTokens.eos].compactMap { $0 }) }
+
+    /// The chat's title: the model family and the cache it runs in.
+    public var title: String { "\(architecture.modelType) · S=\(sink) W=\(window)" }
+
+    /// The file name (without extension) a package compiled on the device is kept under: the first
+    /// 16 hex digits of its digest, so a re-export is compiled again and the same one is not.
+    public var compiledModelKey: String {
+        let digest = digests[files.model] ?? source.weightsSha256
+        return String(digest.replacingOccurrences(of: "sha256:", with: "").prefix(16))
+    }
 
     /// The input, output or state tensor that plays `role`.
     public func tensor(_ role: TensorRole, in list: [TensorSpec]) throws -> TensorSpec {

@@ -19,11 +19,10 @@ public struct JinjaChatTemplate: ChatRendering {
     public init(folder: ModelFolder, tokenizer: HFTokenizer) throws {
         guard let source = try folder.chatTemplateSource() else { throw ChatTemplateError.missing }
         template = try Template(source, with: Template.Options(lstripBlocks: true, trimBlocks: true))
-        let ids = folder.manifest.specialTokens
         var tokens: [String: Value] = [:]
-        for (key, id) in [("bos_token", ids.bos), ("eos_token", ids.eos), ("pad_token", ids.pad), ("unk_token", ids.unk)] {
+        for (name, id) in folder.manifest.specialTokens.templateNames {
             if let text = tokenizer.token(for: id) {
-                tokens[key] = try Value(any: text)
+                tokens[name] = try Value(any: text)
             }
         }
         specialTokens = tokens

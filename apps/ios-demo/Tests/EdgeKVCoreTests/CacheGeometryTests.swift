@@ -30,4 +30,16 @@ final class CacheGeometryTests: XCTestCase {
         XCTAssertEqual(FeedPlan.callLengths(tokens: 3, chunk: 1), [1, 1, 1])
         XCTAssertEqual(FeedPlan.callLengths(tokens: 0, chunk: 8), [])
     }
+
+    func testVisibleSlotsAndWhatEachSlotHolds() {
+        let g = CacheGeometry(sink: 1, window: 5)
+        XCTAssertEqual(g.visibleSlots(from: 2), [0, 1, 2])
+        XCTAssertEqual(g.heldPositions(through: 2), [0, 1, 2, -1, -1, -1])
+        // Position 8 overwrote slot 3 (position 3); slots 4 and 5 still hold 4 and 5.
+        XCTAssertEqual(g.visibleSlots(from: 8), [0, 1, 2, 3, 4, 5])
+        XCTAssertEqual(g.heldPositions(through: 8), [0, 6, 7, 8, 4, 5])
+        XCTAssertEqual(CacheGeometry(sink: 0, window: 6).heldPositions(through: 13), [12, 13, 8, 9, 10, 11])
+        XCTAssertEqual(CacheGeometry(sink: 2, window: 3).heldPositions(through: 0), [0, -1, -1, -1, -1])
+    }
 }
+

@@ -36,4 +36,16 @@ final class ManifestTests: XCTestCase {
             guard case .corrupt = $0 as? ManifestError else { return XCTFail("\($0)") }
         }
     }
+
+    func testWhatTheAppShowsAndKeysComeFromTheManifest() throws {
+        let m = try Manifest.decode(fixture())
+        XCTAssertEqual(m.title, "llama · S=4 W=28")
+        XCTAssertEqual(m.stopTokens, [])
+        XCTAssertEqual(try Fixture.manifest(eos: 2).stopTokens, [2])
+        // The compiled package is cached under its digest's first 16 hex digits.
+        XCTAssertEqual(m.compiledModelKey, String(try XCTUnwrap(m.digests["model.mlpackage"]).dropFirst(7).prefix(16)))
+        XCTAssertEqual(m.compiledModelKey.count, 16)
+        let named = Manifest.SpecialTokens(bos: 1, eos: 2, pad: nil, unk: 0).templateNames
+        XCTAssertEqual(named.map { "\($0.name)=\($0.id)" }, ["bos_token=1", "eos_token=2", "unk_token=0"])
+    }
 }
