@@ -4,6 +4,7 @@ get the last token's logits. `open_artifact` picks the runner from the folder's 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ RUNNERS = {
     "openvino": "runtimes.openvino_runner",
     "coreml": "runtimes.coreml_runner",
 }
+
+
+def threads() -> int:
+    """EDGEKV_THREADS: the threads each runtime may use (unset or 0: the runtime's default, every core)."""
+    value = os.environ.get("EDGEKV_THREADS", "0")
+    if not value.isdigit():
+        raise EdgekvError(f"EDGEKV_THREADS={value!r} is not a number of threads; set it to 1, 2, ... or unset it")
+    return int(value)
 
 
 class Runner:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtimes import Runner
+from runtimes import Runner, threads
 
 
 class ExecuTorchRunner(Runner):
@@ -18,6 +18,10 @@ class ExecuTorchRunner(Runner):
         if manifest.get("quantization", {}).get("scheme", "none") != "none":
             import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
 
+        if threads():
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads())
         program = Runtime.get().load_program(str(self.folder / manifest["files"]["model"]))
         self.methods = {1: program.load_method("decode"), self.chunk: program.load_method("prefill")}
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import Runner
+from runtimes import Runner, threads
 
 
 class OnnxRunner(Runner):
-    def __init__(self, folder: Path, manifest: dict, threads: int = 0):
+    def __init__(self, folder: Path, manifest: dict):
         super().__init__(folder, manifest)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads()
         self.session = ort.InferenceSession(str(self.folder / manifest["files"]["model"]), opts,
                                             providers=["CPUExecutionProvider"])
         self.cache = self._cache_buffer()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import Runner
+from runtimes import Runner, threads
 
 
 class OpenVinoRunner(Runner):
@@ -16,8 +16,8 @@ class OpenVinoRunner(Runner):
         super().__init__(folder, manifest)
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(self.folder / manifest["files"]["model"]), "CPU",
-                                           {"INFERENCE_PRECISION_HINT": precision})
+        config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads()} if threads() else {})}
+        compiled = ov.Core().compile_model(str(self.folder / manifest["files"]["model"]), "CPU", config)
         self.logits, self.entries = compiled.output("logits"), compiled.output("kv_update")
         self.request = compiled.create_infer_request()
         self.cache = self._cache_buffer()

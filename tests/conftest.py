@@ -11,7 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the two cores: one thread per process (and per process it starts), so that no runtime's
+    # threads spin waiting for a core the other worker holds (that made some tests 7x slower).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKV_THREADS"):
+        os.environ.setdefault(var, "1")
+
+import torch  # noqa: E402  after OMP_NUM_THREADS: torch reads it once, at import
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 RUNNABLE = ("executorch", "onnx", "openvino")  # the targets whose runtime runs on Linux
