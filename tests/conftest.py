@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process wherever two processes share the two cores, so that no runtime's threads spin waiting
+# for a core the other holds (that made some tests 7x slower): under two pytest workers, and in two_at_a_time.
+ONE_THREAD = {var: "1" for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKV_THREADS")}
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers share the two cores: one thread per process (and per process it starts), so that no runtime's
-    # threads spin waiting for a core the other worker holds (that made some tests 7x slower).
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKV_THREADS"):
-        os.environ.setdefault(var, "1")
+    for var, value in ONE_THREAD.items():
+        os.environ.setdefault(var, value)
 
 import torch  # noqa: E402  after OMP_NUM_THREADS: torch reads it once, at import
 
@@ -100,21 +101,27 @@ def kept_exports(tmp_path_factory, name: str, *args: str) -> Path:
 
 
 def export_all(out: Path, *args: str, schemes: tuple[str, ...] = ("none",)) -> Path:
-    """`edgekv export` to every target with each scheme, one process per artifact, two at a time: a conversion is
-    mostly single-threaded Python, so two of them keep both cores busy (ExecuTorch's, the slowest, start first)."""
+    """`edgekv export` to every target with each scheme, one process per artifact (ExecuTorch's, the slowest,
+    first)."""
     jobs = [(t, s) for t in TARGETS for s in schemes]
-    with ThreadPoolExecutor(2) as pool:
-        runs = pool.map(lambda job: edgekv("export", "--target", job[0], "--quantize", job[1], *args,
-                                           "--out", str(out)), jobs)
-        for (target, scheme), r in zip(jobs, runs, strict=True):
-            assert r.returncode == 0, f"{target} {scheme}: {r.stderr[-2000:]}"
+    runs = two_at_a_time([("export", "--target", t, "--quantize", s, *args, "--out", str(out)) for t, s in jobs])
+    for (target, scheme), r in zip(jobs, runs, strict=True):
+        assert r.returncode == 0, f"{target} {scheme}: {r.stderr[-2000:]}"
     return out
 
 
-def edgekv(*args: str, timeout: int = 1800, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI as a user would, in a fresh process."""
+def two_at_a_time(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:
+    """edgekv commands, two processes at a time with one thread each: exports are mostly single-threaded Python,
+    so two of them keep both cores busy."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: edgekv(*args, env=ONE_THREAD), commands))
+
+
+def edgekv(*args: str, timeout: int = 1800, stdin: str | None = None, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a fresh process (with `env` added to the environment)."""
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, input=stdin)
+                          timeout=timeout, input=stdin, env={**os.environ, **(env or {})})
 
 
 def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:

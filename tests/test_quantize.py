@@ -10,7 +10,7 @@ import torch
 from exporter.loaders import build_model, load_checkpoint
 from exporter.quantize import affine_int4, affine_round_trip, split_affine, with_offsets
 from exporter.validate import QUANT_BOUNDS
-from tests.conftest import RUNNABLE, edgekv, export_all, make_tiny, one_line_error
+from tests.conftest import RUNNABLE, edgekv, export_all, make_tiny, one_line_error, two_at_a_time
 
 SCHEMES = ("int8", "int4")
 TARGETS = (*RUNNABLE, "coreml")
@@ -191,6 +191,15 @@ def smol_quantized(tmp_path_factory):
     return export_all(tmp_path_factory.mktemp("smolq"), "--window", "60", "--chunk", "16", schemes=SCHEMES)
 
 
+@pytest.fixture(scope="session")
+def smol_quantized_validated(smol_artifacts, smol_quantized) -> dict:
+    """`edgekv validate` of every quantized SmolLM2 folder against its target's unquantized export, two at a time."""
+    jobs = [(t, s) for t in TARGETS for s in SCHEMES]
+    runs = two_at_a_time([("validate", str(smol_quantized / f"{t}-{s}"), "--unquantized", str(smol_artifacts / t),
+                           "--json") for t, s in jobs])
+    return dict(zip(jobs, runs, strict=True))
+
+
 def weight_bytes(folder) -> int:
     """Bytes of the model files (what quantization shrinks; the tokenizer is the same in every folder)."""
     manifest = json.loads((folder / "edgekv.json").read_text())
@@ -202,9 +211,10 @@ def weight_bytes(folder) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("target", TARGETS)
-def test_smollm2_quantized_validates_and_shrinks(smol_artifacts, smol_quantized, target, scheme):
+def test_smollm2_quantized_validates_and_shrinks(smol_artifacts, smol_quantized, smol_quantized_validated, target,
+                                                 scheme):
     folder = smol_quantized / f"{target}-{scheme}"
-    r = edgekv("validate", str(folder), "--unquantized", str(smol_artifacts / target), "--json")
+    r = smol_quantized_validated[target, scheme]
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and result["tokens"] == 4 + 3 * 60 + 16
