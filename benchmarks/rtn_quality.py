@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.loaders import build_model, load_checkpoint, load_tokenizer  # noqa: E402
-from exporter.ppl import read_tokens, stream_nll  # noqa: E402
+from exporter.loaders import build_model, load_checkpoint  # noqa: E402
 from exporter.quantize import affine_round_trip  # noqa: E402
+from runtimes.cli_ppl import read_tokens, stream_nll  # noqa: E402
+from runtimes.manifest import load_tokenizer  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False),

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.bench import bench_artifact, in_fresh_process, peak_rss_mb, plot, report, stream_ids  # noqa: E402
+from runtimes.cli_bench import bench_artifact, in_fresh_process, peak_rss_mb, plot, report, stream_ids  # noqa: E402
 
 TARGETS = ("executorch", "onnx", "openvino")
 HF_POSITIONS = (1024, 4096, 8192)
@@ -49,7 +49,8 @@ def bench_llamacpp(positions: list[int], steps: int, threads: int) -> dict:
     """llama.cpp (llama-cpp-python) on the GGUF edgekv loads by default, `threads` threads, its own KV cache."""
     from llama_cpp import Llama, __version__
 
-    from exporter.loaders import load_checkpoint, load_tokenizer
+    from exporter.loaders import load_checkpoint
+    from runtimes.manifest import load_tokenizer
 
     ckpt = load_checkpoint()
     llm = Llama(model_path=str(ckpt.files[0]), n_ctx=positions[-1] + steps + 64, n_threads=threads,
@@ -85,7 +86,8 @@ def bench_transformers(positions: list[int], steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from exporter.loaders import load_checkpoint, load_tokenizer
+    from exporter.loaders import load_checkpoint
+    from runtimes.manifest import load_tokenizer
 
     ckpt = load_checkpoint()
     path = ckpt.files[0]

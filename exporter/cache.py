@@ -4,17 +4,13 @@ S sink slots keep tokens 0..S-1 forever; W window slots form a ring of the most 
 Token p lives in slot p (p < S) or S + (p - S) mod W. Token p sees the first min(p+1, S) tokens and
 the most recent W tokens up to itself. Rotary positions are positions inside the cache: sinks at
 0..S-1, window tokens at S, S+1, ... in age order. Every function here is branch-free in the
-position, so `torch.export` traces it once for all positions.
+position, so `torch.export` traces it once for all positions. The rule as integer arithmetic, which the
+runtimes use, is `runtimes/slots.py`.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def slot_of(p: int, sink: int, window: int) -> int:
-    """The slot token `p` is written to (plain Python; the rule itself)."""
-    return p if p < sink else sink + (p - sink) % window
 
 
 def slot_positions(last: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -45,7 +41,8 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) ->
 
 
 def slot_index(pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """`slot_of` for a tensor of positions >= 0 (the offset keeps the remainder's operand non-negative)."""
+    """`slot_of` (runtimes/slots.py) for a tensor of positions >= 0 (the offset keeps the remainder's operand
+    non-negative)."""
     ring = sink + torch.remainder(pos - sink + (sink // window + 1) * window, window)
     return torch.where(pos < sink, pos, ring)
 

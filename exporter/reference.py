@@ -4,15 +4,18 @@ Per layer it keeps the tokens it holds in age order (a list of absolute position
 before rotation, and values stacked in the same order), appends each new token, evicts the oldest
 non-sink token once more than S + W are held, rotates every key by its index (its position inside
 the cache), and attends. One token at a time, no masks, no ring arithmetic.
-It borrows only the weights of a `StreamingLM`; none of its cache or attention code.
+It borrows only the weights of a `StreamingLM`; none of its cache or attention code. `ReferenceRunner` puts it
+behind the runner interface, so it streams and generates like an artifact.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from exporter.model import StreamingLM
+from runtimes import Runner
 
 
 def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
@@ -71,3 +74,20 @@ class Reference:
             del store["pos"][oldest]
             for key in ("k", "v"):
                 store[key] = torch.cat([store[key][:, :oldest], store[key][:, oldest + 1:]], dim=1)
+
+
+class ReferenceRunner(Runner):
+    def __init__(self, model, tokenizer, chunk: int = 1):
+        self.ref = Reference(model)
+        self.tokenizer, self.chunk, self.vocab_size = tokenizer, chunk, model.cfg.vocab_size
+        self.token_dtype, self.manifest, self.pos = np.int64, None, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.ref.reset()
+
+    def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        with torch.no_grad():
+            for t in tokens[0]:
+                logits = self.ref.feed(int(t))
+        return logits.numpy()

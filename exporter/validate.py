@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from exporter.config import EdgekvError
-from exporter.manifest import read_manifest
+from runtimes.cli_ppl import DEFAULT_TEXT, read_tokens
+from runtimes.errors import EdgekvError
+from runtimes.manifest import load_tokenizer, read_manifest
 
-DEFAULT_TEXT = Path(__file__).with_name("data") / "shakespeare-excerpt.txt"  # package data: a wheel ships it
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
 # Core ML computes in fp16 (10-bit mantissa). Measured with the NumPy MIL executor on SmolLM2 (S=4, W=60,
@@ -82,10 +82,9 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from exporter.loaders import build_model, load_checkpoint, load_tokenizer
-    from exporter.ppl import read_tokens
+    from exporter.loaders import build_model, load_checkpoint
+    from exporter.reference import ReferenceRunner
     from runtimes import open_artifact
-    from runtimes.reference_runner import ReferenceRunner
 
     manifest = read_manifest(args.artifact)
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]

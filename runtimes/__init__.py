@@ -1,5 +1,9 @@
 """One small runner per format with the same shape: load a folder, reset, feed tokens at a position,
-get the last token's logits. `open_artifact` picks the runner from the folder's manifest."""
+get the last token's logits. `open_artifact` picks the runner from the folder's manifest.
+
+runtimes/ is the bottom layer: it needs NumPy, tokenizers and jinja2 plus the one runtime a folder's format
+runs on, and never imports exporter/ (which imports torch), so a device runs artifacts without the export stack.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.cache import slot_of
-from exporter.config import EdgekvError
-from exporter.manifest import read_manifest
+from runtimes.errors import EdgekvError, require
+from runtimes.manifest import load_tokenizer, read_manifest
+from runtimes.slots import slot_of
 
+# target: (runner module, the runtime it imports, the extra that installs that runtime)
 RUNNERS = {
-    "executorch": "runtimes.executorch_runner",
-    "onnx": "runtimes.onnx_runner",
-    "openvino": "runtimes.openvino_runner",
-    "coreml": "runtimes.coreml_runner",
+    "executorch": ("runtimes.executorch_runner", "executorch.runtime", "executorch"),
+    "onnx": ("runtimes.onnx_runner", "onnxruntime", "onnx"),
+    "openvino": ("runtimes.openvino_runner", "openvino", "openvino"),
+    "coreml": ("runtimes.coreml_runner", "coremltools", "coreml"),
 }
 
 
@@ -40,8 +45,6 @@ class Runner:
     note = ""  # said on stderr when the runner is opened, e.g. that it is not the format's own runtime
 
     def __init__(self, folder: Path, manifest: dict):
-        from exporter.loaders import load_tokenizer
-
         self.folder, self.manifest = Path(folder), manifest
         self.chunk, self.vocab_size = manifest["chunk"], manifest["vocab_size"]
         tokens = next(t for t in manifest["inputs"] if t["role"] == "tokens")
@@ -91,7 +94,9 @@ class Runner:
 
 def open_artifact(folder: Path) -> Runner:
     manifest = read_manifest(folder)
-    module = importlib.import_module(RUNNERS[manifest["target"]])
+    module_name, runtime, extra = RUNNERS[manifest["target"]]
+    require(runtime, extra)  # a missing runtime is an install to make, not a broken folder
+    module = importlib.import_module(module_name)
     try:
         runner = module.load(Path(folder), manifest)
     except EdgekvError:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from exporter.config import EdgekvError
+from runtimes.errors import EdgekvError
 from runtimes.generate import TextStream, generate
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.config import EdgekvError
+from runtimes.errors import EdgekvError
 
 FP16 = np.dtype(np.float16)
 

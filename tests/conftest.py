@@ -71,8 +71,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_text_ids(smollm2):
-    from exporter.loaders import load_tokenizer
-    from exporter.ppl import read_tokens
+    from runtimes.cli_ppl import read_tokens
+    from runtimes.manifest import load_tokenizer
 
     return read_tokens(load_tokenizer(smollm2.tokenizer_dir), TEXT, 2000)
 
@@ -128,3 +128,38 @@ def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("edgekv: error:")]
     assert len(lines) == 1 and text in lines[0], r.stderr[-1500:]
+
+
+# A chat template in the tiny tokenizer's own words (w0..w127), append-only like the real ones (the generation
+# prompt is the assistant's header), so `edgekv chat` runs on a tiny export.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ 'w3' if m['role'] == 'assistant' else 'w1' }} {{ m['content'] }} w2 "
+                      "{% endfor %}{% if add_generation_prompt %}w3 {% endif %}")
+
+
+def export_tiny_chat(tmp: Path, targets: tuple[str, ...], sink: int = 2, window: int = 6, chunk: int = 4
+                     ) -> dict[str, Path]:
+    """A tiny Llama with a chat template, exported in-process to each target (a few seconds each)."""
+    from exporter.export import export_one, manifest_base
+    from exporter.loaders import build_model, load_checkpoint
+
+    hf = make_tiny("llama", tmp / "hf", seed=11)
+    (hf / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
+    ckpt = load_checkpoint(hf)
+    model = build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True)
+    base = manifest_base(ckpt, sink, window, chunk)
+    return {t: export_one(model, ckpt, t, tmp / t, base, chunk) for t in targets}
+
+
+# Measurements a test reports (record_property("measured", text)), printed at the end of the run; xdist carries a
+# test's user_properties back to the controller, so this works on any number of workers.
+MEASURED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        MEASURED.extend(value for key, value in report.user_properties if key == "measured")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in MEASURED:
+        terminalreporter.write_line(f"measured: {line}")

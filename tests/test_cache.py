@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from exporter.cache import chunk_writes, slot_of, slot_positions, visible
+from exporter.cache import chunk_writes, slot_positions, visible
+from runtimes.slots import slot_of
 
 
 def simulate(n_tokens: int, sink: int, window: int) -> list[int]:

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from exporter.loaders import build_model, load_tokenizer
+from exporter.loaders import build_model
+from exporter.reference import ReferenceRunner
 from exporter.validate import FP16_REL_TOL, FP16_TOP1
 from runtimes import open_artifact
 from runtimes.generate import generate
-from runtimes.reference_runner import ReferenceRunner
+from runtimes.manifest import load_tokenizer
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from exporter.export import export_one, manifest_base
-from exporter.loaders import build_model, load_checkpoint, load_tokenizer
+from exporter.loaders import build_model, load_checkpoint
+from exporter.reference import ReferenceRunner
 from runtimes.generate import TextStream, generate
-from runtimes.reference_runner import ReferenceRunner
+from runtimes.manifest import load_tokenizer
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 SINK, WINDOW, CHUNK = 2, 6, 4
@@ -104,7 +105,7 @@ def test_generate_bad_sampling_arguments(tiny):
 @pytest.mark.parametrize("executor,says", [(None, "(transformers, 0.0 MB"),
                                            ("numpy-mil", "(coreml via numpy-mil, not its speed")])
 def test_bench_report_names_who_ran_it(executor, says):
-    from exporter.bench import report
+    from runtimes.cli_bench import report
 
     row = {"artifact": "a", "target": "transformers", "size_mb": 0.0, "sink": 0, "window": 8, "chunk": 4,
            "prefill_tok_s": None, "decode_tok_s": 2.0, "positions": [8, 16], "ms_per_token": [500.0, 510.0],

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from tree_sitter import Language, Parser
 
-from exporter.manifest import FORMAT_VERSION, SCHEMA
+from runtimes.manifest import FORMAT_VERSION, SCHEMA
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "ios-demo"
 FIXTURE = APP / "Tests" / "EdgeKVCoreTests" / "Fixtures" / "edgekv.json"

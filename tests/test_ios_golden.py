@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.cache import slot_of, slot_positions, visible
+from exporter.cache import slot_positions, visible
 from exporter.export import export_one, manifest_base
 from exporter.loaders import build_model, load_checkpoint
-from exporter.manifest import SCHEMA
 from exporter.quantize import Quantization
 from runtimes import Runner
+from runtimes.manifest import SCHEMA
+from runtimes.slots import slot_of
 from tests.conftest import make_tiny
 
 FIXTURES = Path(__file__).resolve().parents[1] / "apps" / "ios-demo" / "Tests" / "EdgeKVCoreTests" / "Fixtures"

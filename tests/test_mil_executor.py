@@ -10,7 +10,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from exporter.config import EdgekvError  # noqa: E402
+from runtimes.errors import EdgekvError  # noqa: E402
 from runtimes.mil_executor import MILProgram  # noqa: E402
 
 RNG = np.random.default_rng(0)

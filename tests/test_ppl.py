@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from exporter.ppl import eager_nll, summarize
+from exporter.ppl import eager_nll
+from runtimes.cli_ppl import summarize
 from tests.conftest import TEXT, make_tiny
 
 # Measured by a literal implementation of the contract (docs/cache.md), fp32, first 2,000 tokens.

@@ -25,6 +25,6 @@ def test_wheel_ships_the_schema_and_the_default_validation_text(tmp_path):
                     str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("edgekv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"exporter/edgekv.schema.json", "exporter/data/shakespeare-excerpt.txt"} <= names
-    text = zipfile.ZipFile(wheel).read("exporter/data/shakespeare-excerpt.txt")
-    assert text == (ROOT / "exporter" / "data" / "shakespeare-excerpt.txt").read_bytes()
+    assert {"runtimes/edgekv.schema.json", "runtimes/data/shakespeare-excerpt.txt"} <= names
+    text = zipfile.ZipFile(wheel).read("runtimes/data/shakespeare-excerpt.txt")
+    assert text == (ROOT / "runtimes" / "data" / "shakespeare-excerpt.txt").read_bytes()

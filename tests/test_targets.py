@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from exporter.export import export_one, manifest_base
-from exporter.loaders import build_model, load_checkpoint, load_tokenizer
-from exporter.manifest import SCHEMA, read_manifest
+from exporter.loaders import build_model, load_checkpoint
+from exporter.reference import ReferenceRunner
 from exporter.targets import TARGETS
 from exporter.validate import FP16_REL_TOL, run_stream, schedule
 from runtimes import open_artifact
 from runtimes.coreml_runner import MILRunner
-from runtimes.reference_runner import ReferenceRunner
+from runtimes.manifest import SCHEMA, load_tokenizer, read_manifest
 from tests.conftest import make_tiny
 
 SINK, WINDOW, CHUNK = 3, 11, 5

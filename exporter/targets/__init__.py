@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.config import EdgekvError
 from exporter.model import StreamingLM
 from exporter.quantize import NONE, Quantization
+from runtimes.errors import EdgekvError
 
 TARGETS = {
     "executorch": "exporter.targets.executorch",

@@ -2,10 +2,10 @@ import Foundation
 
 /// `edgekv.json`, written by `edgekv export` beside the model. Every name the app hands to Core ML
 /// (inputs, outputs, state, functions), the cache geometry and the special tokens come from here,
-/// never from constants. The keys below are checked against `exporter/edgekv.schema.json` by the
+/// never from constants. The keys below are checked against `runtimes/edgekv.schema.json` by the
 /// Python tests, so the exporter and the app cannot drift apart silently.
 public struct Manifest: Codable, Equatable, Sendable {
-    /// The manifest format this app reads (`FORMAT_VERSION` in exporter/manifest.py).
+    /// The manifest format this app reads (`FORMAT_VERSION` in runtimes/manifest.py).
     public static let supportedFormatVersion = 3
     public static let fileName = "edgekv.json"
 

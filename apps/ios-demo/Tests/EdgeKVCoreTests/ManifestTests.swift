@@ -3,7 +3,7 @@ import XCTest
 
 final class ManifestTests: XCTestCase {
     /// Fixtures/edgekv.json is a real `edgekv export --target coreml` manifest (tiny Llama); the
-    /// Python tests check it still validates against exporter/edgekv.schema.json.
+    /// Python tests check it still validates against runtimes/edgekv.schema.json.
     func fixture() throws -> Data {
         let url = try XCTUnwrap(Bundle.module.url(forResource: "edgekv", withExtension: "json", subdirectory: "Fixtures"))
         return try Data(contentsOf: url)

@@ -1,4 +1,5 @@
-"""`edgekv.json`: what an artifact folder holds, so runtimes and the iOS app never guess."""
+"""`edgekv.json`: what an artifact folder holds, so runtimes and the iOS app never guess; and the tokenizer files
+beside it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from exporter.config import EdgekvError
+from runtimes.errors import EdgekvError
 
 FORMAT_VERSION = 3  # raised whenever an older folder would be misread; older ones are refused with "re-export"
 MANIFEST = "edgekv.json"
@@ -85,3 +86,10 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
         verify_files(folder, manifest)
     manifest["target"] = target
     return manifest
+
+
+def load_tokenizer(folder: Path):
+    """The fast tokenizer from tokenizer.json (no transformers import on the hot path)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.config import EdgekvError
+from runtimes.errors import EdgekvError
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:

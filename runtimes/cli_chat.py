@@ -7,8 +7,8 @@ import argparse
 import sys
 import time
 
-from exporter.config import EdgekvError
-from exporter.generate import add_sampling_args, check_sampling_args
+from runtimes.cli_generate import add_sampling_args, check_sampling_args
+from runtimes.errors import EdgekvError
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.config import EdgekvError
-from exporter.manifest import read_manifest
+from runtimes.errors import EdgekvError, require
+from runtimes.manifest import read_manifest
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at", help="comma-separated stream positions to time instead of --points")
     p.add_argument("--steps", type=int, default=32, help="one-token decode calls timed per position (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write ms/token and RSS against stream position to this PNG")
+    p.add_argument("--plot", type=Path, help="write ms/token and RSS against stream position to this PNG "
+                                             "(needs matplotlib: edgekv[plot])")
 
 
 def timed_positions(capacity: int, tokens: int, points: int, at: str | None, steps: int) -> list[int]:
@@ -55,8 +56,7 @@ def peak_rss_mb() -> float:
 
 def stream_ids(tokenizer, n: int) -> list[int]:
     """n token ids of the shipped text, repeated as often as needed (content does not change speed)."""
-    from exporter.ppl import read_tokens
-    from exporter.validate import DEFAULT_TEXT
+    from runtimes.cli_ppl import DEFAULT_TEXT, read_tokens
 
     ids = read_tokens(tokenizer, DEFAULT_TEXT, 8192)
     return np.resize(np.asarray(ids), n).tolist()
@@ -121,6 +121,8 @@ def in_fresh_process(fn, *args):
 def main(args: argparse.Namespace) -> int:
     if args.steps < 3:
         raise EdgekvError("--steps must be at least 3")
+    if args.plot:
+        require("matplotlib", "plot")  # before the long work, not after it
     plans = []
     for folder in args.artifacts:  # check every folder before the long work starts
         m = read_manifest(folder)
