@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 
 from runtimes.errors import EdgekvError
+from runtimes.manifest import edgekv_version
 
 COMMANDS = {
     "export": ("exporter.export", "export the model with its sink + ring cache to a target format"),
@@ -45,6 +46,7 @@ def export_stack(module: str, command: str):
 
 def run(argv: list[str]) -> int:
     parser = Parser(prog="edgekv", description="Streaming (sink + ring) KV-cache LLM export.")
+    parser.add_argument("--version", action="version", version=f"edgekv {edgekv_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
     # The top-level parser has no options but --help, so the first other word names the subcommand.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtimes.errors import EdgekvError
+from runtimes.errors import EdgekvError, EdgekvWarning
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -121,5 +121,6 @@ def cache_sizes(cfg: ModelConfig, sink: int | None, window: int | None, allow_lo
         )
         if not allow_long:
             raise ConfigError(msg + "; lower --window or pass --allow-long-context")
-        warnings.warn(msg + "; rotary positions past the trained context may degrade quality", stacklevel=2)
+        warnings.warn(msg + "; rotary positions past the trained context may degrade quality", EdgekvWarning,
+                      stacklevel=2)
     return sink, window

@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from exporter.config import cache_sizes
@@ -20,9 +18,11 @@ from runtimes.manifest import (
     TOKENIZER_FILES,
     edgekv_version,
     file_digest,
+    identity,
     load_tokenizer,
     special_tokens,
 )
+from runtimes.progress import Progress, captured
 
 DEFAULT_CHUNK = 64
 
@@ -44,16 +44,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
 
 
-class Progress:
-    """Stage lines with elapsed seconds on stderr: long conversions should never look hung."""
-
-    def __init__(self, prefix: str):
-        self.prefix, self.start = prefix, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        print(f"[{self.prefix} {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
 def main(args: argparse.Namespace) -> int:
     targets = list(TARGETS) if args.target == "all" else [args.target]
     quant = Quantization(args.quantize, args.group_size)
@@ -64,19 +54,35 @@ def main(args: argparse.Namespace) -> int:
         if folder.exists() and not args.force:
             raise EdgekvError(f"{folder} exists; pass --force to replace it or choose another --out")
 
-    from exporter.loaders import build_model, load_checkpoint
+    # Folders this command creates for OUT, deepest first: removed again (when empty) if it fails or is interrupted.
+    # Artifacts already finished by `--target all` stay: each is whole.
+    created = [d for d in (args.out, *args.out.parents) if not d.exists()]
+    written = []
+    try:
+        with captured():
+            from exporter.loaders import build_model, load_checkpoint
 
-    log = Progress("export")
-    ckpt = load_checkpoint(args.model)
-    sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
-    check_quantization(quant, ckpt.config)
-    log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), S={sink} W={window}")
-    model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True)
-    base = manifest_base(ckpt, sink, window, args.chunk)
-    log("model loaded")
-    for t in targets:
-        path = export_one(model, ckpt, t, folders[t], base, args.chunk, quant)
-        print(path)
+            log = Progress("export")
+            ckpt = load_checkpoint(args.model)
+            sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
+            check_quantization(quant, ckpt.config)
+            log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
+                f"S={sink} W={window}")
+            model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True)
+            base = manifest_base(ckpt, sink, window, args.chunk)
+            log("model loaded")
+            for t in targets:
+                written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant))
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        for path in written:
+            print(path)
     return 0
 
 
@@ -111,7 +117,9 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
     tmp.mkdir()
     try:
         try:
-            entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant))
+            stamp = identity({**base, "target": target, "quantization": {"scheme": quant.scheme}})
+            with captured():
+                entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant, identity=stamp))
         except EdgekvError:
             raise
         except Exception as e:

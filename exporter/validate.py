@@ -7,16 +7,15 @@ import argparse
 import json
 import math
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from runtimes.cli_ppl import DEFAULT_TEXT, read_tokens
 from runtimes.errors import EdgekvError
 from runtimes.manifest import load_tokenizer, read_manifest
+from runtimes.progress import Bar, captured
 
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
@@ -63,9 +62,11 @@ def run_stream(runner, ids: list[int], calls: list[tuple[int, int]], desc: str) 
     """Logits after each call (the last token of the call), [len(calls), vocab]."""
     runner.reset()
     out = []
-    for start, n in tqdm(calls, desc=desc, file=sys.stderr, disable=None, leave=False):
-        assert runner.pos == start
-        out.append(runner.feed(ids[start:start + n]))
+    with Bar(calls[-1][0] + calls[-1][1], desc) as bar:
+        for start, n in calls:
+            assert runner.pos == start
+            out.append(runner.feed(ids[start:start + n]))
+            bar.update(n)
     return np.stack(out).astype(np.float64)
 
 
@@ -82,6 +83,13 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    with captured():  # the converters' and runtimes' chatter; edgekv's own lines and bars still show
+        result = measure(args)
+    report(args, result)
+    return 0 if result["ok"] else 1
+
+
+def measure(args: argparse.Namespace) -> dict:
     from exporter.loaders import build_model, load_checkpoint
     from exporter.reference import ReferenceRunner
     from runtimes import open_artifact
@@ -164,13 +172,19 @@ def main(args: argparse.Namespace) -> int:
                     p["top1_agreement"] >= p["tolerance"]["top1_agreement"])
             pairs.append(p)
     ok = all(p["ok"] for p in pairs)
-    result = {"target": target, "quantization": scheme, "tokens": n, "compared_positions": len(ends),
-              "logit_scale": scale, "pairs": pairs, "perplexity": ppl, "not_run": not_run, "ok": ok}
+    return {"target": target, "quantization": scheme, "tokens": n, "compared_positions": len(ends),
+            "logit_scale": scale, "pairs": pairs, "perplexity": ppl, "not_run": not_run, "ok": ok,
+            "sink": sink, "window": window, "chunk": chunk}
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    pairs, ppl, not_run, ok = result["pairs"], result["perplexity"], result["not_run"], result["ok"]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.artifact} ({target}, S={sink} W={window} chunk={chunk}): {n} tokens, "
-              f"{len(ends)} positions compared, logit scale {scale:.2f}")
+        print(f"{args.artifact} ({result['target']}, S={result['sink']} W={result['window']} "
+              f"chunk={result['chunk']}): {result['tokens']} tokens, {result['compared_positions']} positions "
+              f"compared, logit scale {result['logit_scale']:.2f}")
         for p in pairs:
             tol = p["tolerance"]
             limit = (f"ppl x{tol['ppl_ratio']:g}" if "ppl_ratio" in tol else f"{tol['max_abs_diff']:.2e}")
@@ -182,7 +196,6 @@ def main(args: argparse.Namespace) -> int:
         for line in not_run:
             print(f"  not run: {line}")
         print(f"  {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
 
 
 def matching_export(folder: Path, manifest: dict, target: str, flag: str) -> Path:

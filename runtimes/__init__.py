@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from runtimes.errors import EdgekvError, require
-from runtimes.manifest import load_tokenizer, read_manifest
+from runtimes.manifest import (
+    MANIFEST,
+    REEXPORT,
+    check_declared,
+    check_identity,
+    load_tokenizer,
+    read_manifest,
+    special_tokens,
+)
+from runtimes.progress import say
 from runtimes.slots import slot_of
 
 # target: (runner module, the runtime it imports, the extra that installs that runtime)
@@ -50,7 +58,16 @@ class Runner:
         tokens = next(t for t in manifest["inputs"] if t["role"] == "tokens")
         self.token_dtype = np.int32 if tokens["dtype"] == "int32" else np.int64
         self.tokenizer = load_tokenizer(self.folder)
+        if special_tokens(self.folder, self.tokenizer) != manifest["special_tokens"]:
+            raise EdgekvError(f"{self.folder}: {MANIFEST}'s special_tokens differ from the tokenizer's; "
+                              f"restore {MANIFEST} or {REEXPORT}")
         self.pos = 0
+
+    def check_model(self, stamped: str | None, declared: dict[str, tuple[str, list]],
+                    sections: tuple[str, ...] = ("inputs", "outputs", "state")) -> None:
+        """The manifest against the model file: the identity it records and the tensors it declares."""
+        check_identity(self.folder, self.manifest, stamped)
+        check_declared(self.folder, self.manifest, declared, sections)
 
     def reset(self) -> None:
         self.pos = 0
@@ -106,5 +123,5 @@ def open_artifact(folder: Path) -> Runner:
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-export with `edgekv export --force`"
                           ) from e
     if runner.note:
-        print(f"edgekv: note: {runner.note}", file=sys.stderr)
+        say(f"edgekv: note: {runner.note}")
     return runner

@@ -20,6 +20,7 @@ import numpy as np
 
 from runtimes.errors import EdgekvError, require
 from runtimes.manifest import read_manifest
+from runtimes.progress import Bar
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -64,12 +65,10 @@ def stream_ids(tokenizer, n: int) -> list[int]:
 
 def bench_runner(runner, positions: list[int], steps: int, label: str) -> dict:
     """Stream through `positions[-1] + steps` tokens, timing decode at each position."""
-    from tqdm import tqdm
-
     ids = stream_ids(runner.tokenizer, positions[-1] + steps)
     runner.reset()
     prefill, ms, lo, hi, rss = [], [], [], [], []
-    with tqdm(total=len(ids), desc=label, unit="tok", file=sys.stderr, disable=None, leave=False) as bar:
+    with Bar(len(ids), label) as bar:
         for p in positions:
             while runner.chunk > 1 and runner.pos + runner.chunk <= p:
                 start = time.perf_counter()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from runtimes.errors import EdgekvError
+from runtimes.progress import Bar
 
 MODES = ("sink", "window", "dense")
 DEFAULT_TEXT = Path(__file__).with_name("data") / "shakespeare-excerpt.txt"  # package data: a wheel ships it
@@ -56,7 +55,7 @@ def stream_nll(step: Callable[[list[int], int], np.ndarray], ids: list[int], chu
     (any array NumPy converts, a CPU torch tensor included).
     """
     nll = np.empty(len(ids) - 1)
-    with tqdm(total=len(ids), desc=desc, unit="tok", file=sys.stderr, disable=None, leave=False) as bar:
+    with Bar(len(ids), desc) as bar:
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
             logits = np.asarray(step(part, start), dtype=np.float64)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from runtimes import Runner
+from runtimes.errors import EdgekvError
+from runtimes.manifest import REEXPORT
 
 
 class _CoreMLRunner(Runner):
@@ -19,6 +21,25 @@ class _CoreMLRunner(Runner):
         self.package = self.folder / manifest["files"]["model"]
         self.entries = {1: manifest["entries"]["decode"], self.chunk: manifest["entries"]["prefill"]}
         self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
+        self._check_spec()
+
+    def _check_spec(self) -> None:
+        """The manifest against the package's spec: the identity in its user-defined metadata, and each entry
+        function's inputs, state and outputs (the spec's description; no weights are read)."""
+        import coremltools as ct
+
+        array = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+        dtypes = {array.FLOAT16: "float16", array.FLOAT32: "float32", array.INT32: "int32"}
+        description = ct.utils.load_spec(str(self.package)).description
+        functions = {f.name: f for f in description.functions}
+        for entry in sorted(set(self.entries.values())):
+            if entry not in functions:
+                raise EdgekvError(f"{self.folder}: {self.package.name} has no function {entry!r}; {REEXPORT}")
+            f = functions[entry]
+            arrays = [(p.name, p.type.multiArrayType) for p in [*f.input, *f.output]] + [
+                (p.name, p.type.stateType.arrayType) for p in f.state]
+            self.check_model(description.metadata.userDefined.get("edgekv"),
+                             {name: (dtypes.get(a.dataType, "?"), list(a.shape)) for name, a in arrays})
 
     def _inputs(self, tokens: np.ndarray, pos: int) -> dict:
         return {self.names["tokens"]: tokens.astype(np.int32), self.names["position"]: np.array([pos], np.int32)}

@@ -9,6 +9,10 @@ class EdgekvError(Exception):
     """A user-facing error: the CLI prints its one-line message and exits non-zero."""
 
 
+class EdgekvWarning(UserWarning):
+    """A warning of edgekv's own: shown on stderr also while the converters' warnings are captured."""
+
+
 def require(module: str, extra: str):
     """Import `module`, or say in one line which extra installs it."""
     try:

@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 from runtimes import Runner, threads
+from runtimes.errors import EdgekvError
+from runtimes.manifest import MANIFEST, REEXPORT
+
+IDENTITY_METHOD = "edgekv_identity"  # a constant method returning the identity JSON (runtimes.manifest.IDENTITY)
+DTYPES = {3: "int32", 4: "int64", 5: "float16", 6: "float32"}  # ExecuTorch ScalarType codes
 
 
 class ExecuTorchRunner(Runner):
@@ -19,11 +24,28 @@ class ExecuTorchRunner(Runner):
             import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
 
         if threads():
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.extension.pybindings import portable_lib
 
-            _unsafe_reset_threadpool(threads())
+            if portable_lib._threadpool_get_thread_count() != threads():  # a reset logs a line on stderr
+                portable_lib._unsafe_reset_threadpool(threads())
         program = Runtime.get().load_program(str(self.folder / manifest["files"]["model"]))
-        self.methods = {1: program.load_method("decode"), self.chunk: program.load_method("prefill")}
+        entries = manifest["entries"]
+        self.methods = {1: program.load_method(entries["decode"]), self.chunk: program.load_method(entries["prefill"])}
+        if None in self.methods.values():
+            raise EdgekvError(f"{folder}: {manifest['files']['model']} lacks the methods {MANIFEST} names; {REEXPORT}")
+        stamped = None
+        if IDENTITY_METHOD in program.method_names:
+            stamped = program.load_method(IDENTITY_METHOD).execute([])[0]
+        names = [t["name"] for t in manifest["inputs"]] + [t["name"] for t in manifest["outputs"]]
+        for method in self.methods.values():  # ExecuTorch declares no names: the manifest's, in order
+            meta = method.metadata
+            tensors = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())] + [
+                meta.output_tensor_meta(i) for i in range(meta.num_outputs())]
+            if len(tensors) != len(names):
+                raise EdgekvError(f"{folder}: {MANIFEST} lists {len(names)} inputs and outputs, method "
+                                  f"{meta.name()} has {len(tensors)}; {REEXPORT}")
+            self.check_model(stamped, {n: (DTYPES.get(t.dtype(), "?"), list(t.sizes()))
+                                       for n, t in zip(names, tensors, strict=True)}, ("inputs", "outputs"))
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         out = self.methods[tokens.shape[1]].execute([torch.from_numpy(tokens), torch.tensor([pos])])

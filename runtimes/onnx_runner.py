@@ -10,6 +10,8 @@ import numpy as np
 
 from runtimes import Runner, threads
 
+DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
 
 class OnnxRunner(Runner):
     def __init__(self, folder: Path, manifest: dict):
@@ -20,6 +22,9 @@ class OnnxRunner(Runner):
         opts.intra_op_num_threads = threads()
         self.session = ort.InferenceSession(str(self.folder / manifest["files"]["model"]), opts,
                                             providers=["CPUExecutionProvider"])
+        ports = self.session.get_inputs() + self.session.get_outputs()
+        self.check_model(self.session.get_modelmeta().custom_metadata_map.get("edgekv"), {
+            p.name: (DTYPES.get(p.type, p.type), [d if isinstance(d, int) else None for d in p.shape]) for p in ports})
         self.cache = self._cache_buffer()
         self.binding = self.session.io_binding()
         # Each OrtValue shares its part of the buffer's memory: slot writes below are what the next call reads.

@@ -10,6 +10,8 @@ import numpy as np
 
 from runtimes import Runner, threads
 
+DTYPES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32"}
+
 
 class OpenVinoRunner(Runner):
     def __init__(self, folder: Path, manifest: dict, precision: str = "f32"):
@@ -17,7 +19,14 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads()} if threads() else {})}
-        compiled = ov.Core().compile_model(str(self.folder / manifest["files"]["model"]), "CPU", config)
+        core = ov.Core()
+        model = core.read_model(str(self.folder / manifest["files"]["model"]))
+        stamped = model.get_rt_info(["edgekv"]).astype(str) if model.has_rt_info(["edgekv"]) else None
+        self.check_model(stamped, {
+            p.get_any_name(): (DTYPES.get(p.get_element_type().get_type_name(), "?"),
+                               [d.get_length() if d.is_static else None for d in p.get_partial_shape()])
+            for p in model.inputs + model.outputs})
+        compiled = core.compile_model(model, "CPU", config)
         self.logits, self.entries = compiled.output("logits"), compiled.output("kv_update")
         self.request = compiled.create_infer_request()
         self.cache = self._cache_buffer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,16 @@ def export_all(out: Path, *args: str, schemes: tuple[str, ...] = ("none",)) -> P
     runs = two_at_a_time([("export", "--target", t, "--quantize", s, *args, "--out", str(out)) for t, s in jobs])
     for (target, scheme), r in zip(jobs, runs, strict=True):
         assert r.returncode == 0, f"{target} {scheme}: {r.stderr[-2000:]}"
+        assert only_edgekv_lines(r.stderr), f"{target} {scheme}: {r.stderr[-2000:]}"
     return out
+
+
+STAGE_LINE = re.compile(r"\[(export|executorch|coreml|onnx|openvino) +\d+\.\ds\] \S")
+
+
+def only_edgekv_lines(stderr: str) -> bool:
+    """An export's stderr holds nothing but edgekv's own stage lines: the converters' output is captured."""
+    return all(STAGE_LINE.match(line) for line in stderr.splitlines())
 
 
 def two_at_a_time(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:

@@ -4,7 +4,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -136,19 +136,27 @@ def test_corrupt_manifest_and_model(tiny_onnx, tmp_path):
     one_line_error(edgekv("ppl", str(bad), "--text", str(bad / "tokenizer.json")), "model.onnx (model) is missing")
 
 
-def test_interrupted_export_leaves_nothing(tiny_onnx, tmp_path):
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("target,line", [("all", "] loading "), ("all", "traced decode and prefill"),
+                                         ("openvino", "converted to ONNX")])
+def test_interrupted_export_leaves_the_tree_as_it_was(tiny_onnx, tmp_path, target, line):
+    """Ctrl-C while loading, in the middle of the first conversion, between two converters: every folder the
+    command created is gone (OUT was two levels that did not exist)."""
     folder, _ = tiny_onnx
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", "all", "--model",
-                             str(folder), "--out", str(out)], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # interrupt in the middle of the first conversion
-        if "traced decode and prefill" in line:
+    (tmp_path / "kept").mkdir()
+    before = tree(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--model",
+                             str(folder), "--out", str(tmp_path / "new" / "out")], stderr=subprocess.PIPE, text=True)
+    for got in proc.stderr:
+        if line in got:
             proc.send_signal(signal.SIGINT)
             break
-    proc.communicate(timeout=300)
-    assert proc.returncode == 130
-    time.sleep(0.1)
-    assert not out.exists() or list(out.iterdir()) == []
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "edgekv: interrupted", err[-1500:]
+    assert tree(tmp_path) == before
 
 
 def test_coreml_runs_on_linux_through_the_mil_executor(tmp_path):

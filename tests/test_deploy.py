@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import edgekv, export_tiny_chat, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a fresh venv from the package index: ~1.5 min, kept out of the default tier's 15
 PROMPT = "w5 w17 w3 w99 w42 w8 w64"
 TURNS = "w4 w5 w6\nw7 w8\n"  # two chat turns over stdin
 
@@ -39,7 +40,7 @@ def device(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "exporter", "runtimes"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "exporter", "runtimes"):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:

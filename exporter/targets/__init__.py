@@ -27,6 +27,7 @@ class ExportSpec:
     chunk: int  # tokens per prefill call
     log: callable = print  # progress lines ("trace", "lower", ...) go here
     quant: Quantization = NONE  # weight quantization (exporter/quantize.py)
+    identity: str = ""  # recorded inside the model file under "edgekv" (runtimes.manifest.identity)
 
 
 def target_module(name: str):

@@ -4,8 +4,8 @@ and `decode` + `prefill` functions in one multifunction package that shares the 
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,12 +17,11 @@ from exporter.targets import ExportSpec, io_entry, require, trace
 FP16_MAX = 65504.0
 
 
-def _fp16_warnings(model: StreamingLM) -> None:
+def _fp16_warnings(model: StreamingLM, log) -> None:
     """fp16 cannot hold weights past 65504, and ~3 significant digits cost logits accuracy."""
     worst = max((p.detach().abs().max().item(), n) for n, p in model.named_parameters())
     if worst[0] > FP16_MAX:
-        warnings.warn(f"{worst[1]} holds {worst[0]:.3g}, beyond fp16's range: Core ML outputs will overflow",
-                      stacklevel=2)
+        log(f"warning: {worst[1]} holds {worst[0]:.3g}, beyond fp16's range: Core ML outputs will overflow")
 
 
 def quantize(mlmodel, vocab: int, quant: Quantization):
@@ -69,11 +68,24 @@ def _affine_int4_pass():
     return AffineInt4()
 
 
+def stamp(package: Path, identity: str) -> None:
+    """The identity as user-defined metadata of the package's spec (MLModel.modelDescription.metadata in the app;
+    save_multifunction keeps no metadata of its functions, so it is written into the saved spec)."""
+    import coremltools as ct
+
+    manifest = json.loads((package / "Manifest.json").read_text())
+    spec_file = package / "Data" / manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    spec = ct.proto.Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec.description.metadata.userDefined["edgekv"] = identity
+    spec_file.write_bytes(spec.SerializeToString())
+
+
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ct = require("coremltools", "coremltools==9.0")
     import numpy as np
 
-    _fp16_warnings(model)
+    _fp16_warnings(model, spec.log)
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
     # copy, so the caller's model keeps its in-place write.
     model = copy.copy(model)
@@ -103,6 +115,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
             spec.log(f"converted {name} function")
         desc.default_function_name = "decode"
         ct.utils.save_multifunction(desc, str(out_dir / "model.mlpackage"))
+    stamp(out_dir / "model.mlpackage", spec.identity)
     spec.log("saved multifunction package")
     return {
         "files": {"model": "model.mlpackage"},

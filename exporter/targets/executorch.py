@@ -9,6 +9,7 @@ import torch
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, untied, with_offsets
 from exporter.targets import ExportSpec, io_entry, require, trace
+from runtimes.executorch_runner import IDENTITY_METHOD
 
 
 def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
@@ -55,7 +56,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     split = model.per_layer_cache()
     programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk)}
     spec.log("traced decode and prefill")
-    edge = exir.to_edge_transform_and_lower(programs, partitioner=[xnn.XnnpackPartitioner()])
+    edge = exir.to_edge_transform_and_lower(programs, partitioner=[xnn.XnnpackPartitioner()],
+                                            constant_methods={IDENTITY_METHOD: spec.identity})
     spec.log("lowered to XNNPACK")
     # share_mutable_buffers: both methods read and write the same cache buffers.
     config = exir.ExecutorchBackendConfig(

@@ -38,17 +38,18 @@ def cache_names(model: StreamingLM) -> list[str]:
     return [f"{half}_cache.{i}" for half in ("key", "value") for i in range(n)]
 
 
-def write_onnx(model: StreamingLM, path: Path, chunk: int) -> None:
+def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> None:
     require("onnxscript", "onnxscript")
     t = torch.export.Dim("T", min=1, max=chunk)
     caches = [c.clone() for c in model.caches()]
     args = (torch.zeros(1, chunk, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches)
     with torch.no_grad():
         program = torch.onnx.export(
-            PureStep(model), args, dynamo=True, verbose=False,
+            PureStep(model).eval(), args, dynamo=True, verbose=False,
             input_names=["tokens", "input_pos", *cache_names(model)], output_names=["logits", "kv_update"],
             dynamic_shapes={"tokens": {1: t}, "input_pos": None, "caches": [None] * len(caches)},
         )
+    program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
     # Weights go to a side file past protobuf's 2 GB limit.
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
     program.save(str(path), external_data=big)
@@ -195,7 +196,7 @@ def stored_as_fp16(graph, names: set[str]) -> None:
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     if spec.quant.bits == 4:
         model = with_offsets(model, spec.quant.group_size)
-    write_onnx(model, out_dir / "model.onnx", spec.chunk)
+    write_onnx(model, out_dir / "model.onnx", spec.chunk, spec.identity)
     spec.log("converted to ONNX")
     quant = spec.quant
     if quant.bits:

@@ -40,7 +40,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         model = with_offsets(model, spec.quant.group_size)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        write_onnx(model, onnx_path, spec.chunk)
+        write_onnx(model, onnx_path, spec.chunk, spec.identity)
         spec.log("converted to ONNX")
         ir = ov.convert_model(str(onnx_path))
         offsets = offset_products(onnx.load(str(onnx_path), load_external_data=False).graph)
@@ -48,6 +48,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     if quant.bits:
         ir = compress(ir, quant, offsets)
         spec.log(f"compressed weights to {quant.scheme} with NNCF")
+    ir.set_rt_info(spec.identity, ["edgekv"])  # read by the runner
     ov.save_model(ir, str(out_dir / "model.xml"), compress_to_fp16=False)  # keep fp32 weights
     spec.log("converted to OpenVINO IR")
     return {

@@ -6,7 +6,7 @@ import Foundation
 /// Python tests, so the exporter and the app cannot drift apart silently.
 public struct Manifest: Codable, Equatable, Sendable {
     /// The manifest format this app reads (`FORMAT_VERSION` in runtimes/manifest.py).
-    public static let supportedFormatVersion = 3
+    public static let supportedFormatVersion = 4
     public static let fileName = "edgekv.json"
 
     public let formatVersion: Int

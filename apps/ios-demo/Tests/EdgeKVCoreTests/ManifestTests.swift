@@ -32,7 +32,7 @@ final class ManifestTests: XCTestCase {
         XCTAssertThrowsError(try onnx.checkRunnableOnCoreML()) {
             XCTAssertEqual($0 as? ManifestError, .wrongTarget("onnx"))
         }
-        XCTAssertThrowsError(try Manifest.decode(Data("{\"format_version\": 3}".utf8))) {
+        XCTAssertThrowsError(try Manifest.decode(Data("{\"format_version\": 4}".utf8))) {
             guard case .corrupt = $0 as? ManifestError else { return XCTFail("\($0)") }
         }
     }
