@@ -25,6 +25,7 @@ from runtimes.manifest import (
 from runtimes.progress import Progress, captured
 
 DEFAULT_CHUNK = 64
+PREFIX = "prefix.safetensors"  # the initial session of an artifact exported with --system-prompt
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="artifacts go to OUT/<target>/, or OUT/<target>-<scheme>/ when quantized (default ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
+    p.add_argument("--system-prompt", type=Path, metavar="FILE",
+                   help="pin this system prompt: rendered with the chat template, held in the sink (sized to it) "
+                        "and shipped as the artifact's initial session, prefix.safetensors")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +68,10 @@ def main(args: argparse.Namespace) -> int:
 
             log = Progress("export")
             ckpt = load_checkpoint(args.model)
-            sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
+            prefix = pinned_prompt(args.system_prompt, ckpt.tokenizer_dir) if args.system_prompt else None
+            # A pinned prompt fills the sink: its first tokens are the attention sinks, the rest stays attended.
+            sink = max(args.sink if args.sink is not None else 4, len(prefix["ids"])) if prefix else args.sink
+            sink, window = cache_sizes(ckpt.config, sink, args.window, args.allow_long_context)
             check_quantization(quant, ckpt.config)
             log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
                 f"S={sink} W={window}")
@@ -72,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
             base = manifest_base(ckpt, sink, window, args.chunk)
             log("model loaded")
             for t in targets:
-                written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant))
+                written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix))
     except BaseException:
         for d in created:
             try:
@@ -106,11 +113,45 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
     }
 
 
-def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE
-               ) -> Path:
+def pinned_prompt(path: Path, tokenizer_dir: Path) -> dict:
+    """The system prompt in FILE as the chat will hold it: the template's rendering and its tokens."""
+    from runtimes.chat import ChatTemplate
+
+    if not path.is_file():
+        raise EdgekvError(f"--system-prompt {path}: no such file")
+    system = path.read_text().strip()
+    if not system:
+        raise EdgekvError(f"--system-prompt {path} is empty")
+    rendered = ChatTemplate(tokenizer_dir).render([{"role": "system", "content": system}],
+                                                  add_generation_prompt=False)
+    ids = load_tokenizer(tokenizer_dir).encode(rendered, add_special_tokens=False).ids
+    return {"system": system, "rendered": rendered, "ids": ids}
+
+
+def write_prefix(folder: Path, prefix: dict, log) -> None:
+    """Feed the pinned prompt through the artifact itself and ship the stream as its initial session (so starting
+    from it is bitwise what prefilling would give on this target); the manifest records it."""
+    from runtimes import open_artifact
+    from runtimes.session import save_session
+
+    runner = open_artifact(folder)
+    runner.feed(prefix["ids"])
+    state = {"messages": [{"role": "system", "content": prefix["system"]}], "in_stream": prefix["rendered"]}
+    save_session(runner, folder / PREFIX, state)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["prefix"] = PREFIX
+    manifest["digests"][PREFIX] = file_digest(folder / PREFIX)
+    manifest["prefix"] = {"file": PREFIX, "tokens": len(prefix["ids"]), "system": prefix["system"]}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"pinned the system prompt: {len(prefix['ids'])} tokens in the sink, its cache in {PREFIX}")
+
+
+def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE,
+               prefix: dict | None = None) -> Path:
     """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact."""
     module = target_module(target)
     log = Progress(target)
+    log(f"exporting to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,6 +173,9 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
         manifest = {**base, "target": target, **entries, "files": files,
                     "digests": {name: file_digest(tmp / name) for name in files.values()}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if prefix:
+            with captured():
+                write_prefix(tmp, prefix, log)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -93,6 +93,14 @@ class Runner:
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         raise NotImplementedError
 
+    def cache_state(self) -> np.ndarray:
+        """A copy of the cache, stacked [2, L, KV, C, D] in the runner's cache dtype (runtimes/session.py)."""
+        return self.cache.reshape(2, -1, *self.cache.shape[1:]).copy()
+
+    def set_cache_state(self, cache: np.ndarray) -> None:
+        """Replace the cache's contents (same shape; cast to the runner's dtype), in place."""
+        self.cache[...] = cache.reshape(self.cache.shape)
+
     def _cache_buffer(self) -> np.ndarray:
         """One zeroed buffer [2L, KV, C, D] for a graph that reads its cache as 2L inputs (role "cache", keys
         of each layer, then values): `buffer[j]` is input j, a view the runtime reads in place."""

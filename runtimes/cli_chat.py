@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from runtimes.cli_generate import add_sampling_args, check_sampling_args
+from runtimes.cli_generate import add_sampling_args, add_session_arg, check_sampling_args, open_session
 from runtimes.errors import EdgekvError
 
 
@@ -15,6 +15,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, temperature=0.7, top_p=0.9)
     p.add_argument("--system", help="system prompt (default: the template's own, if any)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    add_session_arg(p)
+    p.epilog = ("With --session the conversation is saved after every reply (atomically: a crash keeps the last "
+                "reply's session) and on /save; a later `edgekv chat DIR --session FILE` resumes it.")
 
 
 def read_turns(interactive: bool):
@@ -39,6 +42,24 @@ def main(args: argparse.Namespace) -> int:
         raise EdgekvError("--max-tokens must be > 0 for chat")
     runner = open_artifact(args.artifact)
     chat = Chat(runner, ChatTemplate(args.artifact), system=args.system, **sampling)
+    state = open_session(runner, args.session)
+    if state is None and "prefix" in runner.manifest:  # the pinned system prompt: its cache, no prefill
+        from runtimes.session import load_session
+
+        state = load_session(runner, runner.folder / runner.manifest["prefix"]["file"])
+        print(f"edgekv: started from the pinned system prompt ({runner.pos} tokens in the sink, no prefill)",
+              file=sys.stderr)
+    if state is not None:
+        chat.messages, chat.in_stream = state.get("messages", []), state.get("in_stream", "")
+        if args.system:
+            print("edgekv: note: --system is ignored: the conversation already has its system prompt", file=sys.stderr)
+
+    def save():
+        if args.session:
+            from runtimes.session import save_session
+
+            save_session(runner, args.session, {"messages": chat.messages, "in_stream": chat.in_stream})
+
     m = runner.manifest
     interactive = sys.stdin.isatty()
     if interactive:
@@ -46,6 +67,10 @@ def main(args: argparse.Namespace) -> int:
               "Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
     try:
         for user in read_turns(interactive):
+            if user == "/save":
+                save()
+                print(f"[saved {args.session}]" if args.session else "[no --session to save to]", file=sys.stderr)
+                continue
             first = None
             for piece in chat.reply(user, args.max_tokens):
                 first = first or time.perf_counter()
@@ -54,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
             print()
             n = len(chat.last_tokens)
             rate = f"{(n - 1) / seconds:.1f} tok/s" if n > 1 and seconds > 0 else "-"
+            save()  # before the turn's last line: once it shows, the turn is on disk
             print(f"[{n} tokens, {rate} after a {chat.last_prompt}-token turn prompt; stream position "
                   f"{runner.pos}, cache {m['sink']}+{m['window']} slots]", file=sys.stderr)
     except KeyboardInterrupt:

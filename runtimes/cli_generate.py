@@ -35,6 +35,24 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the model's end token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object at the end (token ids, text, speeds) instead of streaming")
+    add_session_arg(p)
+
+
+def add_session_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--session", type=Path, metavar="FILE",
+                   help="resume the stream saved in FILE if it exists, and save it there (safetensors) at the end")
+
+
+def open_session(runner, path: Path | None) -> dict | None:
+    """The state saved in `path` with the runner resumed from it; None when there is no file yet (or no --session)."""
+    if path is None or not path.exists():
+        return None
+    from runtimes.progress import say
+    from runtimes.session import load_session
+
+    state = load_session(runner, path)
+    say(f"edgekv: resumed {path} at stream position {runner.pos}")
+    return state
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,9 +63,12 @@ def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 0 or (args.json and args.max_tokens == 0):
         raise EdgekvError("--max-tokens must be >= 0 (and > 0 with --json)")
     runner = open_artifact(args.artifact)
-    prompt = runner.tokenizer.encode(args.prompt).ids
+    state = open_session(runner, args.session)
+    # A resumed stream continues: no BOS again, and first the token sampled last time but never fed.
+    prompt = (state or {}).get("pending", []) + runner.tokenizer.encode(
+        args.prompt, add_special_tokens=state is None).ids
     if not prompt:
-        raise EdgekvError("--prompt is empty")
+        raise EdgekvError("--prompt is empty (it may be empty only to continue a saved --session)")
     eos = runner.manifest["special_tokens"]["eos"]
     stop = None if args.ignore_eos or eos is None else {eos}
     stream, tokens, text = TextStream(runner.tokenizer), [], []
@@ -65,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # Ctrl-C is how an unlimited stream ends: report what was produced
     end = time.perf_counter()
+    if args.session:
+        from runtimes.session import save_session
+
+        save_session(runner, args.session, {"pending": tokens[-1:]})
     stats = speeds(len(prompt), runner.pos - len(prompt), start, first, end)
     if args.json:
         print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": "".join(text), "position": runner.pos,

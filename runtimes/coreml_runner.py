@@ -20,7 +20,7 @@ class _CoreMLRunner(Runner):
         super().__init__(folder, manifest)
         self.package = self.folder / manifest["files"]["model"]
         self.entries = {1: manifest["entries"]["decode"], self.chunk: manifest["entries"]["prefill"]}
-        self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
+        self.names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"] + manifest["state"]}
         self._check_spec()
 
     def _check_spec(self) -> None:
@@ -63,6 +63,12 @@ class CoreMLRunner(_CoreMLRunner):
         outputs = self.functions[tokens.shape[1]].predict(self._inputs(tokens, pos), state=self.state)
         return outputs[self.names["logits"]][0]
 
+    def cache_state(self) -> np.ndarray:  # MLState's read/write API (coremltools 8+, macOS 15)
+        return np.array(self.state.read_state(self.names["cache"]), np.float16)
+
+    def set_cache_state(self, cache: np.ndarray) -> None:
+        self.state.write_state(self.names["cache"], cache.astype(np.float16))
+
 
 class MILRunner(_CoreMLRunner):
     executor = "numpy-mil"
@@ -79,6 +85,12 @@ class MILRunner(_CoreMLRunner):
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         outputs = self.program.run(self.entries[tokens.shape[1]], self._inputs(tokens, pos), self.state)
         return outputs[self.names["logits"]][0]
+
+    def cache_state(self) -> np.ndarray:
+        return self.state[self.names["cache"]].copy()
+
+    def set_cache_state(self, cache: np.ndarray) -> None:
+        self.state[self.names["cache"]][...] = cache
 
 
 def load(folder: Path, manifest: dict) -> Runner:

@@ -12,6 +12,8 @@ from runtimes.errors import EdgekvError
 from runtimes.manifest import MANIFEST, REEXPORT
 
 IDENTITY_METHOD = "edgekv_identity"  # a constant method returning the identity JSON (runtimes.manifest.IDENTITY)
+# Methods sharing the cache buffers with decode and prefill: the 2L buffers out, and 2L tensors copied in (sessions).
+READ_CACHE, WRITE_CACHE = "read_cache", "write_cache"
 DTYPES = {3: "int32", 4: "int64", 5: "float16", 6: "float32"}  # ExecuTorch ScalarType codes
 
 
@@ -29,6 +31,7 @@ class ExecuTorchRunner(Runner):
             if portable_lib._threadpool_get_thread_count() != threads():  # a reset logs a line on stderr
                 portable_lib._unsafe_reset_threadpool(threads())
         program = Runtime.get().load_program(str(self.folder / manifest["files"]["model"]))
+        self.program = program
         entries = manifest["entries"]
         self.methods = {1: program.load_method(entries["decode"]), self.chunk: program.load_method(entries["prefill"])}
         if None in self.methods.values():
@@ -50,6 +53,20 @@ class ExecuTorchRunner(Runner):
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         out = self.methods[tokens.shape[1]].execute([torch.from_numpy(tokens), torch.tensor([pos])])
         return out[0][0].numpy()
+
+    def _cache_method(self, name: str):
+        if name not in self.program.method_names:
+            raise EdgekvError(f"{self.folder}: {self.manifest['files']['model']} has no {name} method (exported "
+                              f"before sessions existed); {REEXPORT}")
+        return self.program.load_method(name)
+
+    def cache_state(self) -> np.ndarray:
+        parts = self._cache_method(READ_CACHE).execute([])
+        return np.stack([p.numpy() for p in parts]).reshape(2, -1, *parts[0].shape)
+
+    def set_cache_state(self, cache: np.ndarray) -> None:
+        parts = np.ascontiguousarray(cache, np.float32).reshape(-1, *cache.shape[2:])
+        self._cache_method(WRITE_CACHE).execute([torch.from_numpy(p.copy()) for p in parts])
 
 
 def load(folder: Path, manifest: dict) -> Runner:

@@ -160,6 +160,18 @@ def export_tiny_chat(tmp: Path, targets: tuple[str, ...], sink: int = 2, window:
     return {t: export_one(model, ckpt, t, tmp / t, base, chunk) for t in targets}
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_exports(tmp_path_factory):
+    """target -> export_tiny_chat's artifact, exported on first use (ExecuTorch's takes half a minute)."""
+
+    class Lazy(dict):
+        def __missing__(self, target):
+            self[target] = export_tiny_chat(tmp_path_factory.mktemp(f"tiny-{target}"), (target,))[target]
+            return self[target]
+
+    return Lazy()
+
+
 # Measurements a test reports (record_property("measured", text)), printed at the end of the run; xdist carries a
 # test's user_properties back to the controller, so this works on any number of workers.
 MEASURED: list[str] = []

@@ -57,7 +57,7 @@ def test_every_file_only_xcode_compiles_parses(parser):
         "Sources/EdgeKVRuntime/Footprint.swift", "Sources/EdgeKVRuntime/HFTokenizer.swift",
         "Sources/EdgeKVRuntime/JinjaChatTemplate.swift",
     ]
-    assert len(SWIFTPM_ON_LINUX) == 22
+    assert len(SWIFTPM_ON_LINUX) == 24
     for f in XCODE_ONLY:
         assert syntax_errors(parser, f.read_bytes()) == [], f
     # The check can fail: a missing brace and a doubled keyword are both reported.
@@ -99,8 +99,10 @@ SWIFT_TYPES = {  # Swift Codable type -> the schema object it decodes
     "Files": "#/properties/files",
     "Quantization": "#/properties/quantization",
     "TensorSpec": "#/$defs/tensor",
+    "Prefix": "#/properties/prefix",
 }
-READS_EVERY_KEY = {"Manifest", "Source", "Architecture", "SpecialTokens", "Entries", "TensorSpec", "Quantization"}
+READS_EVERY_KEY = {"Manifest", "Source", "Architecture", "SpecialTokens", "Entries", "TensorSpec", "Quantization",
+                   "Prefix"}
 
 
 def text(node, source: bytes) -> str:

@@ -239,3 +239,41 @@ def test_differences_ignore_only_volatile_fields():
     assert differences(stable(committed), stable(moved)) == ["digests.extra.bin", "inputs[0].dtype", "new_key",
                                                             "window"]
     assert differences({"a": [1, 2]}, {"a": [1]}) == ["a"] and differences({"a": 1}, {"a": 1.0}) == ["a"]
+
+
+SESSION = FIXTURES / "session.safetensors"
+
+
+class _FixtureStream:
+    """What save_session reads of a runner: the fixture manifest's model at position 37 (past the 32 slots,
+    so every slot is written), its fp16 cache holding a counting pattern."""
+
+    manifest = json.loads((FIXTURES / "edgekv.json").read_text())
+    pos = 37
+
+    def cache_state(self) -> np.ndarray:
+        arch, m = self.manifest["architecture"], self.manifest
+        shape = (2, arch["num_layers"], arch["num_kv_heads"], m["sink"] + m["window"], arch["head_dim"])
+        return (np.arange(np.prod(shape)) % 2048 / 256 - 4).astype(np.float16).reshape(shape)
+
+
+def test_golden_session_is_current(tmp_path):
+    """Fixtures/session.safetensors, written by runtimes/session.py: the Swift SessionFile tests decode it."""
+    from runtimes.session import read_session, save_session
+
+    state = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}],
+             "in_stream": "w1 Be brief. w2 w1 Hi w2 w3 Hello."}
+    save_session(_FixtureStream(), tmp_path / "s.safetensors", state)
+    if UPDATE:
+        SESSION.write_bytes((tmp_path / "s.safetensors").read_bytes())
+    assert contents(SESSION) == contents(tmp_path / "s.safetensors"), HOW_TO_UPDATE  # safetensors orders keys anew
+    cache, position, got = read_session(SESSION, _FixtureStream.manifest)
+    assert position == 37 and got == state and np.array_equal(cache, _FixtureStream().cache_state())
+
+
+def contents(path: Path) -> tuple[dict, bytes]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return f.metadata(), f.get_tensor("cache").tobytes()

@@ -22,11 +22,13 @@ def ppl(smollm2, smollm2_text_ids):
     return {m: summarize(eager_nll(smollm2, ids, s, w, chunk=128, desc=m), 256)["ppl"] for m, (s, w) in caches.items()}
 
 
+@pytest.mark.slow  # the eager SmolLM2 over 2,000 tokens three times: two minutes
 def test_perplexity_agrees_with_the_design_measurement(ppl):
     for mode, want in DESIGN.items():
         assert abs(ppl[mode] / want - 1) < 0.01, (mode, ppl[mode])
 
 
+@pytest.mark.slow
 def test_sinks_rescue_the_window(ppl):
     assert ppl["window"] >= 1.5 * ppl["sink"]
     assert ppl["sink"] <= 1.15 * ppl["dense"]

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from exporter.cli import main
 from runtimes.manifest import SCHEMA_DOC, schema_problem
-from tests.conftest import export_tiny_chat
 
 PROMPT = "w5 w17 w3 w99 w42 w8 w64"  # with 12 new tokens the stream wraps the 2 + 6 slot cache twice
 ARGS = ["--prompt", PROMPT, "--max-tokens", "12", "--ignore-eos", "--json"]
@@ -25,16 +24,9 @@ STRICT = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_chec
         "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))))
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """target -> a tiny export, made on first use (ExecuTorch's takes half a minute: slow tier only)."""
-
-    class Lazy(dict):
-        def __missing__(self, target):
-            self[target] = export_tiny_chat(tmp_path_factory.mktemp(f"trust-{target}"), (target,))[target]
-            return self[target]
-
-    return Lazy()
+@pytest.fixture
+def folders(tiny_chat_exports):
+    return tiny_chat_exports
 
 
 def run(*argv: str) -> tuple[int, str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, untied, with_offsets
 from exporter.targets import ExportSpec, io_entry, require, trace
-from runtimes.executorch_runner import IDENTITY_METHOD
+from runtimes.executorch_runner import IDENTITY_METHOD, READ_CACHE, WRITE_CACHE
 
 
 def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
@@ -43,6 +44,28 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     return model
 
 
+def cache_access(split: StreamingLM) -> dict[str, torch.export.ExportedProgram]:
+    """Two methods over the same cache buffers as decode and prefill (shared by name at to_executorch): read_cache
+    returns the 2L buffers, write_cache copies 2L tensors into them. Sessions need them: ExecuTorch's runtime has
+    no other way to the buffers it plans."""
+
+    def read(self):
+        return tuple(c.clone() for c in self.caches())
+
+    def write(self, caches: list[torch.Tensor]):
+        for buffer, value in zip(self.caches(), caches, strict=True):
+            buffer.copy_(value)
+        return torch.ones(1)
+
+    programs = {}
+    for name, forward, args in ((READ_CACHE, read, ()), (WRITE_CACHE, write, ([c.clone() for c in split.caches()],))):
+        access = copy.copy(split)  # the same buffers, by the same names; only forward differs
+        access.__class__ = type(name, (type(split),), {"forward": forward})
+        with torch.no_grad():
+            programs[name] = torch.export.export(access, args, strict=False)
+    return programs
+
+
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     exir = require("executorch.exir", "executorch==1.5.1")
     xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch==1.5.1")
@@ -54,7 +77,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         spec.log(f"quantized weights to {quant.scheme} with torchao")
     # One buffer per layer and half: ExecuTorch copies every slice it takes of a buffer.
     split = model.per_layer_cache()
-    programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk)}
+    programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk), **cache_access(split)}
     spec.log("traced decode and prefill")
     edge = exir.to_edge_transform_and_lower(programs, partitioner=[xnn.XnnpackPartitioner()],
                                             constant_methods={IDENTITY_METHOD: spec.identity})

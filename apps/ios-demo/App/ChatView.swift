@@ -9,6 +9,15 @@ struct ChatView: View {
     @State private var importing = false
     @State private var showingSettings = false
     @State private var pickedFolder: URL?  // a Files-app folder stays readable while the app uses it
+    @Environment(\.scenePhase) private var scenePhase
+
+    /// The conversation kept across launches: saved when the app leaves the foreground, resumed at launch.
+    private static var sessionFile: URL? {
+        guard let support = FileManager.default.urls(for: .applicationSupportDirectory, in: .userDomainMask).first
+        else { return nil }
+        try? FileManager.default.createDirectory(at: support, withIntermediateDirectories: true)
+        return support.appendingPathComponent("conversation.safetensors")
+    }
 
     var body: some View {
         NavigationStack {
@@ -40,7 +49,13 @@ struct ChatView: View {
             .sheet(isPresented: $showingSettings) {
                 SettingsView(settings: $model.settings)
             }
-            .task { model.loadBundledModel() }
+            .task {
+                model.sessionFile = Self.sessionFile
+                model.loadBundledModel()
+            }
+            .onChange(of: scenePhase) { _, phase in
+                if phase != .active { model.saveSession() }  // the system may end a backgrounded app at any time
+            }
         }
     }
 

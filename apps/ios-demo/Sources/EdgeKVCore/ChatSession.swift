@@ -49,6 +49,47 @@ public actor ChatSession {
     /// The rendered conversation the stream holds (what the next turn continues from).
     public var inStream: String { transcript.inStream }
 
+    /// The conversation as a session file (runtimes/session.py's format): the slots written so far, the position,
+    /// the messages. The app saves it when it goes to the background.
+    public func sessionData() throws -> Data {
+        let a = manifest.architecture, slots = manifest.geometry.capacity
+        let dtype = try manifest.tensor(.cache, in: manifest.state).dtype
+        let row = a.headDim * (dtype == "float16" ? 2 : 4)
+        let kept = min(stream.position, slots)
+        let full = [UInt8](try stream.model.readCache())
+        guard full.count == 2 * a.numLayers * a.numKvHeads * slots * row else {
+            throw SessionError.corrupt("the model's cache has \(full.count) bytes")
+        }
+        var cache = Data(capacity: 2 * a.numLayers * a.numKvHeads * kept * row)
+        for block in 0 ..< 2 * a.numLayers * a.numKvHeads {  // each [C, D] block's first `kept` slots
+            cache.append(contentsOf: full[block * slots * row ..< (block * slots + kept) * row])
+        }
+        return try SessionFile(cacheDtype: dtype, shape: [2, a.numLayers, a.numKvHeads, kept, a.headDim], cache: cache,
+                               position: stream.position, messages: transcript.messages,
+                               inStream: transcript.inStream).encoded(for: manifest)
+    }
+
+    /// Resumes the conversation in `data`: a saved session, or the artifact's `prefix.safetensors` (a pinned
+    /// system prompt, whose cache is then used with no prefill). Checked before anything changes.
+    public func restore(_ data: Data) throws {
+        let s = try SessionFile.decode(data, for: manifest)
+        let dtype = try manifest.tensor(.cache, in: manifest.state).dtype
+        guard s.cacheDtype == dtype else {
+            throw SessionError.corrupt("a \(s.cacheDtype) cache for a \(dtype) model; resume it where it was saved")
+        }
+        let slots = manifest.geometry.capacity, kept = s.shape[3], row = s.cache.count / max(1, s.shape[0 ... 3].reduce(1, *))
+        var full = Data(count: s.shape[0] * s.shape[1] * s.shape[2] * slots * row)  // unwritten slots: never read
+        for block in 0 ..< s.shape[0] * s.shape[1] * s.shape[2] {
+            full.replaceSubrange(block * slots * row ..< (block * slots + kept) * row,
+                                 with: s.cache[block * kept * row ..< (block + 1) * kept * row])
+        }
+        try stream.restore(cache: full, position: s.position)
+        transcript = ChatTranscript(messages: s.messages, inStream: s.inStream)
+    }
+
+    /// The messages of the conversation (a resumed one included).
+    public var messages: [ChatMessage] { transcript.messages }
+
     /// The status line between replies.
     public func status() -> StreamStatus {
         StreamStatus(tokensPerSecond: 0, position: stream.position, capacity: manifest.geometry.capacity,

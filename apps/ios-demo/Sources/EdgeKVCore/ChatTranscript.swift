@@ -42,6 +42,13 @@ public struct ChatTranscript {
         }
     }
 
+    /// A conversation resumed from a session: its messages and the rendered text its stream holds.
+    public init(messages: [ChatMessage], inStream: String) {
+        self.messages = messages
+        self.inStream = inStream
+        nextID = (messages.map(\.id).max() ?? -1) + 1
+    }
+
     private mutating func append(_ role: ChatMessage.Role, _ content: String) {
         messages.append(ChatMessage(id: nextID, role: role, content: content))
         nextID += 1

@@ -24,6 +24,11 @@ public final class ChatViewModel {
     public private(set) var modelName = ""
     public var settings = SamplingSettings(temperature: 0.7, topK: 40, topP: 0.95, seed: nil, maxTokens: 512)
 
+    /// Where the conversation is kept across launches (the app: Application Support). Saved by `saveSession()`
+    /// when the app goes to the background, resumed when the same model loads; otherwise a chat starts from the
+    /// artifact's pinned system prompt (`prefix.safetensors`) when it has one.
+    @ObservationIgnored public var sessionFile: URL?
+    @ObservationIgnored private var folder: URL?
     @ObservationIgnored private let loader: Loader
     @ObservationIgnored private var session: ChatSession?
     @ObservationIgnored private var loading: Task<Void, Never>?
@@ -55,9 +60,12 @@ public final class ChatViewModel {
             do {
                 let session = try await loader(url)
                 guard !Task.isCancelled else { return }  // another folder was chosen meanwhile
+                try await Self.start(session, folder: url, saved: sessionFile)
                 self.session = session
+                folder = url
                 modelName = session.manifest.title
-                messages = []
+                messages = await session.messages.filter { $0.role != .system }
+                nextID = (messages.map(\.id).max() ?? -1) + 1
                 status = await session.status()
                 phase = .ready
             } catch {
@@ -67,6 +75,30 @@ public final class ChatViewModel {
         }
         loading = task
         return task
+    }
+
+    /// Resumes the saved conversation if it belongs to this model (another model's is refused and ignored),
+    /// else starts from the pinned system prompt if the artifact has one.
+    private static func start(_ session: ChatSession, folder: URL, saved: URL?) async throws {
+        if let saved, let data = try? Data(contentsOf: saved), (try? await session.restore(data)) != nil {
+            return
+        }
+        if let prefix = session.manifest.prefix {
+            try await session.restore(Data(contentsOf: folder.appendingPathComponent(prefix.file)))
+        }
+    }
+
+    /// Writes the conversation to `sessionFile` (atomically), unless a reply is being generated.
+    @discardableResult
+    public func saveSession() -> Task<Void, Never>? {
+        guard let session, let sessionFile, phase == .ready else { return nil }
+        return Task {
+            do {
+                try await session.sessionData().write(to: sessionFile, options: .atomic)
+            } catch {
+                phase = .failed("could not save the conversation: \(error.localizedDescription)")
+            }
+        }
     }
 
     /// Adds the user's message and streams the reply into the message after it.
@@ -108,9 +140,13 @@ public final class ChatViewModel {
         guard let session else { return nil }
         messages = []
         phase = .loading("New chat")
+        let folder = self.folder
         let task = Task {
             do {
                 try await session.newChat()
+                if let folder {  // a pinned system prompt starts every chat
+                    try await Self.start(session, folder: folder, saved: nil)
+                }
                 status = await session.status()
                 phase = .ready
             } catch {

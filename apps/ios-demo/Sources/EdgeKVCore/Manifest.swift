@@ -29,6 +29,8 @@ public struct Manifest: Codable, Equatable, Sendable {
     public let quantization: Quantization
     public let files: Files
     public let digests: [String: String]
+    /// A pinned system prompt: the artifact's initial session (`edgekv export --system-prompt`).
+    public let prefix: Prefix?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version"
@@ -51,6 +53,14 @@ public struct Manifest: Codable, Equatable, Sendable {
         case quantization
         case files
         case digests
+        case prefix
+    }
+
+    /// The session file a pinned system prompt ships as, the prompt's token count and its text.
+    public struct Prefix: Codable, Equatable, Sendable {
+        public let file: String
+        public let tokens: Int
+        public let system: String
     }
 
     public struct Source: Codable, Equatable, Sendable {

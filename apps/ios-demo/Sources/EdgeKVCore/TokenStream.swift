@@ -9,6 +9,15 @@ public protocol LogitsModel: AnyObject {
     func logits(tokens: [Int], position: Int) throws -> [Float]
     /// A fresh cache (a new Core ML state).
     func reset() throws
+    /// The cache's raw little-endian contents, stacked [2, L, KV, C, D] in the manifest's cache dtype (sessions).
+    func readCache() throws -> Data
+    /// Replaces the cache's contents with bytes `readCache` returned (or a session's).
+    func writeCache(_ bytes: Data) throws
+}
+
+extension LogitsModel {
+    public func readCache() throws -> Data { throw SessionError.unreadable("this model cannot save its cache") }
+    public func writeCache(_ bytes: Data) throws { throw SessionError.unreadable("this model cannot load a cache") }
 }
 
 public enum StreamError: Error, Equatable, LocalizedError {
@@ -39,6 +48,12 @@ public final class TokenStream {
     public func reset() throws {
         try model.reset()
         position = 0
+    }
+
+    /// Continues a saved stream: its cache written into the model, at its position.
+    public func restore(cache: Data, position: Int) throws {
+        try model.writeCache(cache)
+        self.position = position
     }
 
     /// Feeds tokens at the current position (full chunks through prefill, the rest through decode)

@@ -27,6 +27,7 @@ public final class CoreMLModel: LogitsModel {
     private let tokensName: String
     private let positionName: String
     private let logitsName: String
+    private let cacheName: String
 
     /// `compiledURL` is the `.mlmodelc` (see `ModelFolder.compiledModel()`).
     public init(compiledURL: URL, manifest: Manifest, computeUnits: MLComputeUnits = .all) throws {
@@ -43,11 +44,27 @@ public final class CoreMLModel: LogitsModel {
         tokensName = try manifest.tensor(.tokens, in: manifest.inputs).name
         positionName = try manifest.tensor(.position, in: manifest.inputs).name
         logitsName = try manifest.tensor(.logits, in: manifest.outputs).name
+        cacheName = try manifest.tensor(.cache, in: manifest.state).name
         state = decode.makeState()
     }
 
     public func reset() throws {
         state = decodeModel.makeState()
+    }
+
+    /// The fp16 state's bytes (MLState.withMultiArray, iOS 18), [2, L, KV, C, D] as the manifest lists it.
+    public func readCache() throws -> Data {
+        state.withMultiArray(for: cacheName) { array in
+            array.withUnsafeBytes { Data($0) }
+        }
+    }
+
+    public func writeCache(_ bytes: Data) throws {
+        state.withMultiArray(for: cacheName) { array in
+            array.withUnsafeMutableBytes { buffer, _ in
+                _ = bytes.copyBytes(to: buffer)
+            }
+        }
     }
 
     public func logits(tokens: [Int], position: Int) throws -> [Float] {

@@ -74,6 +74,13 @@ final class ScriptModel: LogitsModel, @unchecked Sendable {
         resets += 1
         calls = []
     }
+
+    /// A cache to save and restore (sessions): whatever bytes were last written, zeros of the fixture's size at first.
+    var cache = Data(count: 2 * 2 * 2 * 32 * 16 * 2)  // [2, L=2, KV=2, C=32, D=16] fp16
+
+    func readCache() throws -> Data { cache }
+
+    func writeCache(_ bytes: Data) throws { cache = bytes }
 }
 
 /// A clock that moves a quarter second each time it is read.
