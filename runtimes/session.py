@@ -25,10 +25,22 @@ from runtimes.manifest import IDENTITY, lookup
 SESSION_FORMAT = "1"
 # A cache is the same whatever target or chunk produced it; the rest of the identity must match.
 SESSION_IDENTITY = tuple(k for k in IDENTITY if k not in ("target", "chunk"))
+CHECKED = ("edgekv_session", "identity", "position", "cache_dtype", "state")  # metadata the checksum covers
 
 
 def session_identity(manifest: dict) -> dict:
     return {key: lookup(manifest, key) for key in SESSION_IDENTITY}
+
+
+def checksum(cache: np.ndarray, metadata: dict) -> str | None:
+    """sha256 of the cache bytes and, after them, the metadata strings that say what they are (a flipped digit of
+    the position must not pass), each after a newline: the same bytes the iOS app hashes."""
+    h = hashlib.sha256(np.ascontiguousarray(cache).tobytes())
+    for key in CHECKED:
+        if not isinstance(metadata.get(key), str):
+            return None
+        h.update(b"\n" + metadata[key].encode())
+    return h.hexdigest()
 
 
 def save_session(runner, path: Path, state: dict | None = None) -> int:
@@ -40,8 +52,8 @@ def save_session(runner, path: Path, state: dict | None = None) -> int:
     cache = runner.cache_state()
     cache = np.ascontiguousarray(cache[:, :, :, :min(runner.pos, cache.shape[3])])
     metadata = {"edgekv_session": SESSION_FORMAT, "identity": json.dumps(session_identity(runner.manifest)),
-                "position": str(runner.pos), "cache_dtype": cache.dtype.name,
-                "sha256": hashlib.sha256(cache.tobytes()).hexdigest(), "state": json.dumps(state or {})}
+                "position": str(runner.pos), "cache_dtype": cache.dtype.name, "state": json.dumps(state or {})}
+    metadata["sha256"] = checksum(cache, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({"cache": cache}, str(tmp), metadata=metadata)
@@ -70,8 +82,8 @@ def read_session(path: Path, manifest: dict) -> tuple[np.ndarray, int, dict]:
         raise EdgekvError(f"{path} is not a readable session file ({str(e).splitlines()[0][:120]}); {redo}") from None
     if meta.get("edgekv_session") != SESSION_FORMAT or cache is None:
         raise EdgekvError(f"{path} is not an edgekv session (format {meta.get('edgekv_session')!r}); {redo}")
-    if hashlib.sha256(np.ascontiguousarray(cache).tobytes()).hexdigest() != meta.get("sha256"):
-        raise EdgekvError(f"{path} is corrupt (the cache's checksum does not match); {redo}")
+    if checksum(cache, meta) != meta.get("sha256"):
+        raise EdgekvError(f"{path} is corrupt (its checksum does not match); {redo}")
     try:
         saved, position, state = json.loads(meta["identity"]), int(meta["position"]), json.loads(meta["state"])
     except (KeyError, ValueError, TypeError):

@@ -57,6 +57,21 @@ extension SessionFile {
          "architecture.num_kv_heads": m.architecture.numKvHeads, "architecture.head_dim": m.architecture.headDim]
     }
 
+    /// The metadata the checksum covers after the cache bytes (`CHECKED` in runtimes/session.py).
+    static let checked = ["edgekv_session", "identity", "position", "cache_dtype", "state"]
+
+    /// SHA-256 of the cache bytes, then of each checked metadata string after a newline: a flipped digit of the
+    /// position fails it as a flipped bit of the cache does.
+    static func checksum(_ cache: Data, _ meta: [String: String]) -> String? {
+        var bytes = cache
+        for key in checked {
+            guard let value = meta[key] else { return nil }
+            bytes.append(0x0A)
+            bytes.append(contentsOf: Array(value.utf8))
+        }
+        return SHA256.hex(bytes)
+    }
+
     /// Reads and checks a session for `manifest`'s artifact: format, checksum, identity, shape.
     public static func decode(_ data: Data, for manifest: Manifest) throws -> SessionFile {
         let bytes = [UInt8](data)
@@ -72,7 +87,7 @@ extension SessionFile {
         else { throw SessionError.unreadable("no safetensors header with a cache") }
         guard meta["edgekv_session"] == format else { throw SessionError.unreadable("not an edgekv session") }
         let cache = Data(bytes[(8 + length + offsets[0]) ..< (8 + length + offsets[1])])
-        guard SHA256.hex(cache) == meta["sha256"] else { throw SessionError.corrupt("the cache's checksum") }
+        guard checksum(cache, meta) == meta["sha256"] else { throw SessionError.corrupt("its checksum") }
         guard let identityText = meta["identity"], let positionText = meta["position"],
               let position = Int(positionText), position >= 0,
               let saved = try? JSONSerialization.jsonObject(with: Data(identityText.utf8)) as? [String: Any],
@@ -106,11 +121,11 @@ extension SessionFile {
         func json(_ value: Any) throws -> String {
             String(decoding: try JSONSerialization.data(withJSONObject: value, options: [.sortedKeys]), as: UTF8.self)
         }
-        let meta: [String: String] = [
+        var meta: [String: String] = [
             "edgekv_session": Self.format, "identity": try json(Self.identity(of: manifest)),
-            "position": String(position), "cache_dtype": cacheDtype, "sha256": SHA256.hex(cache),
-            "state": try json(state),
+            "position": String(position), "cache_dtype": cacheDtype, "state": try json(state),
         ]
+        meta["sha256"] = Self.checksum(cache, meta)
         let header: [String: Any] = [
             "__metadata__": meta,
             "cache": ["dtype": cacheDtype == "float16" ? "F16" : "F32", "shape": shape,

@@ -48,7 +48,7 @@ final class SessionFileTests: XCTestCase {
         var flipped = try session()
         flipped[flipped.count - 3] ^= 0x41
         XCTAssertThrowsError(try SessionFile.decode(flipped, for: manifest)) {
-            XCTAssertEqual($0 as? SessionError, .corrupt("the cache's checksum"))
+            XCTAssertEqual($0 as? SessionError, .corrupt("its checksum"))
         }
         let truncated = try session().prefix(100)
         XCTAssertThrowsError(try SessionFile.decode(Data(truncated), for: manifest)) {
@@ -97,7 +97,7 @@ final class ChatSessionSaveTests: XCTestCase {
             try await chat.restore(damaged)
             XCTFail("a damaged session was accepted")
         } catch {
-            XCTAssertEqual(error as? SessionError, .corrupt("the cache's checksum"))
+            XCTAssertEqual(error as? SessionError, .corrupt("its checksum"))
         }
         let position = await chat.position
         XCTAssertEqual(position, 116)
