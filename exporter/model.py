@@ -1,7 +1,8 @@
-"""The export-ready decoder (Llama, Mistral, Qwen2) with a fixed-shape sink + ring KV cache.
+"""The export-ready decoder (Llama, Mistral, Qwen2/3, Phi-3, SmolLM3, Gemma 3) with a fixed-shape sink + ring KV cache.
 
-One module for the three families, driven by `ModelConfig`. Static shapes, no data-dependent Python
-control flow, the cache as registered buffers: `torch.export` traces it unchanged for every target.
+One module for every family, driven by `ModelConfig` (exporter/config.py says what each field does). Static shapes,
+no data-dependent Python control flow, the cache as registered buffers: `torch.export` traces it unchanged for every
+target.
 Attribute names follow Hugging Face so checkpoints load with a plain key clean-up.
 """
 
@@ -59,79 +60,127 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding in the Hugging Face half-split layout; cos/sin are [..., T, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotary embedding in the Hugging Face half-split layout; cos/sin are [..., T, R/2]. With R below the head's
+    dims (partial rotary), the first R dims rotate and the rest pass through."""
+    r = 2 * cos.shape[-1]
+    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rest is not None:  # broadcast like the rotated parts (the query's three frames)
+        parts.append(rest.expand(*parts[0].shape[:-1], rest.shape[-1]))
+    return torch.cat(parts, dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+        self.local, self.rope = cfg.is_local(layer), cfg.has_rope(layer)
+        self.scale = cfg.attn_scale or d**-0.5
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, contexts: dict) -> tuple[Tensor, Tensor, Tensor]:
         """x [1, T, hidden]; caches [KV, C, D], keys rotated at their slot. Returns out and the chunk's rotated
         keys and values [KV, T, D], for the caller to write: the cache itself is only read, never copied."""
         t = x.shape[1]
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         g = h // kv
-        q = self.q_proj(x).view(t, h, d).transpose(0, 1)  # [H, T, D]
-        k = self.k_proj(x).view(t, kv, d).transpose(0, 1)  # [KV, T, D]
+        ctx = contexts["local" if self.local else "global"]
+        q = self.q_proj(x).view(t, h, d)
+        k = self.k_proj(x).view(t, kv, d)
+        if hasattr(self, "q_norm"):  # per head, before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, D], [KV, T, D]
         v = self.v_proj(x).view(t, kv, d).transpose(0, 1)
-        k = rotate(k, ctx["k_cos"], ctx["k_sin"])  # once, at the slot it is written to
-        # The query in its three frames (exporter.cache.rope_frames), [KV, G*3*T, D] ordered (group, frame,
-        # token): grouped-query attention without copying keys, query head h uses kv head h // G.
-        qt = rotate(q.reshape(kv, g, 1, t, d), ctx["q_cos"], ctx["q_sin"]).reshape(kv, -1, d).transpose(1, 2)
+        if self.rope:
+            k = rotate(k, ctx["k_cos"], ctx["k_sin"])  # once, at the slot it is written to
+            # The query in its three frames (exporter.cache.rope_frames), [KV, G*3*T, D] ordered (group, frame,
+            # token): grouped-query attention without copying keys, query head h uses kv head h // G.
+            qt = rotate(q.reshape(kv, g, 1, t, d), ctx["q_cos"], ctx["q_sin"]).reshape(kv, -1, d).transpose(1, 2)
+            frames = 3
+        else:  # no rotary in this layer (SmolLM3): one frame
+            qt = q.reshape(kv, g * t, d).transpose(1, 2)
+            frames = 1
         # Keys times the (small, transposed) queries: the cache is read as it lies, once.
         # bmm rather than @: matmul's decomposition adds expand ops XNNPACK does not take.
-        scores = torch.cat([torch.bmm(k_cache, qt), torch.bmm(k, qt)], dim=1)  # [KV, C + T, G*3*T]
+        scores = torch.cat([torch.bmm(k_cache, qt), torch.bmm(k, qt)], dim=1)  # [KV, C + T, G*frames*T]
+        scores = scores.transpose(1, 2).reshape(kv, g, frames, t, -1)
         # Each (query, key) pair keeps its frame's score: masks as 0/1 factors and a 0/-inf bias rather than
         # where/masked_fill, exact, and ops XNNPACK delegates.
-        scores = (scores.transpose(1, 2).reshape(kv, g, 3, t, -1) * ctx["frames"]).sum(dim=2)
-        probs = torch.softmax(scores * (d**-0.5) + ctx["bias"], dim=-1).view(kv, g * t, -1)
+        scores = (scores * ctx["frames"]).sum(dim=2) if self.rope else scores.view(kv, g, t, -1)
+        probs = torch.softmax(scores * self.scale + ctx["bias"], dim=-1).view(kv, g * t, -1)
         c = k_cache.shape[1]
         out = torch.bmm(probs[:, :, :c], v_cache) + torch.bmm(probs[:, :, c:], v)
         return self.o_proj(out.view(h, t, d).transpose(0, 1).reshape(1, t, h * d)), k, v
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Norms that read the residual stream take eps times residual_scale^2: scale-invariant, exactly.
+        stream_eps, eps = cfg.rms_norm_eps * cfg.residual_scale**2, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, stream_eps)
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:  # Gemma: post_attention_layernorm normalizes the attention's output
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, stream_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        else:  # Llama: post_attention_layernorm is the MLP's input norm
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, stream_eps)
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
         a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), k_cache, v_cache, ctx)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), k_cache, v_cache
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
 
+    def stream_outputs(self) -> list[RMSNorm]:
+        """The modules whose output joins the residual stream, weights folded by `residual_scale` at load
+        (without sandwich norms: the attention's and the MLP's output projections)."""
+        if self.sandwich:
+            return [self.post_attention_layernorm, self.post_feedforward_layernorm]
+        return [self.self_attn.o_proj, self.mlp.down_proj]
+
 
 class StreamingLM(nn.Module):
-    """Decoder with an S + W slot cache per layer. `forward(tokens [1, T], input_pos [1])` -> logits."""
+    """Decoder with an S + W slot cache per layer. `forward(tokens [1, T], input_pos [1])` -> logits.
+
+    A hybrid model's sliding layers (Gemma 3) keep their model's own window as a plain ring, S = 0 and W = its
+    sliding window (docs/cache.md, "Hybrid models"), in the same buffer: every layer has max(S + W, that) slots and
+    a layer masks the slots its geometry does not use."""
 
     def __init__(self, cfg: ModelConfig, sink: int, window: int, max_chunk: int = 128,
                  dtype: torch.dtype = torch.float32, last_logits_only: bool = False):
         super().__init__()
         self.cfg, self.sink, self.window, self.max_chunk = cfg, sink, window, max_chunk
+        self.geometry = {"global": (sink, window)}  # (S, W) of each kind of layer
+        if cfg.local_window:
+            self.geometry["local"] = (0, cfg.local_window)
+        self.slots = max(s + w for s, w in self.geometry.values())
         self.last_logits_only = last_logits_only
         self.write_in_place = True  # False: the whole-cache blend Core ML converts (see `blended`)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps * cfg.residual_scale**2)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -140,18 +189,22 @@ class StreamingLM(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)create the cache and rotary tables, e.g. after `to_empty` from the meta device."""
-        cfg, s, w = self.cfg, self.sink, self.window
+        cfg = self.cfg
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # One buffer for keys and values of all layers: one state per artifact (and coremltools'
         # state-ordering pass mishandles two updates in a row).
-        shape = (2, cfg.num_layers, cfg.num_kv_heads, s + w, cfg.head_dim)
+        shape = (2, cfg.num_layers, cfg.num_kv_heads, self.slots, cfg.head_dim)
         self.register_buffer("kv_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # Rotary tables computed in float64 once: angles never pass through low precision.
-        rows = torch.arange(s + 2 * w, dtype=torch.float64)[:, None] * cfg.inv_freq()[None, :]
-        self.register_buffer("rope_cos", rows.cos().to(dtype).to(device), persistent=False)
-        self.register_buffer("rope_sin", rows.sin().to(dtype).to(device), persistent=False)
+        for kind, (s, w) in self.geometry.items():
+            local = kind == "local"
+            rows = torch.arange(s + 2 * w, dtype=torch.float64)[:, None] * cfg.inv_freq(local)[None, :]
+            gain = cfg.rope_gain(local)
+            suffix = "_local" if local else ""
+            self.register_buffer("rope_cos" + suffix, (rows.cos() * gain).to(dtype).to(device), persistent=False)
+            self.register_buffer("rope_sin" + suffix, (rows.sin() * gain).to(dtype).to(device), persistent=False)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.init_buffers(dtype, device)
@@ -160,23 +213,32 @@ class StreamingLM(nn.Module):
     def capacity(self) -> int:
         return self.sink + self.window
 
+    def layer_geometry(self, layer: int) -> tuple[int, int]:
+        return self.geometry["local" if self.cfg.is_local(layer) else "global"]
+
     def context(self, t: int, input_pos: Tensor) -> dict:
-        """Everything the layers share for one call: rotary rows, frames, visibility."""
-        s, w = self.sink, self.window
+        """Everything the layers of each kind share for one call: rotary rows, frames, visibility."""
         start = input_pos.to(torch.int64)
         q_pos = start + torch.arange(t, dtype=torch.int64)
-        k_pos = torch.cat([slot_positions(start - 1, s, w), q_pos])  # the cache's slots, then the chunk
-        k_slot = torch.cat([torch.arange(s + w, dtype=torch.int64), slot_index(q_pos, s, w)])
-        rows, frames = rope_frames(q_pos, k_pos, k_slot, s, w)
-        cos, sin = self.rope_cos, self.rope_sin
-        dtype = cos.dtype
-        zero, ninf = torch.zeros(1, dtype=dtype), torch.full((1,), float("-inf"), dtype=dtype)
-        return {
-            "q_cos": cos[rows], "q_sin": sin[rows],  # [3, T, D/2]
-            "k_cos": cos[rows[1]], "k_sin": sin[rows[1]],  # the chunk's keys at their slots
-            "frames": frames.to(dtype),  # [3, T, C + T]
-            "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf),  # [T, C + T]
-        }
+        out = {}
+        for kind, (s, w) in self.geometry.items():
+            held = slot_positions(start - 1, s, w)
+            if s + w < self.slots:  # slots this kind does not use: never visible
+                held = torch.cat([held, torch.full((self.slots - s - w,), -1, dtype=torch.int64)])
+            k_pos = torch.cat([held, q_pos])  # the cache's slots, then the chunk
+            k_slot = torch.cat([torch.arange(self.slots, dtype=torch.int64), slot_index(q_pos, s, w)])
+            rows, frames = rope_frames(q_pos, k_pos, k_slot, s, w)
+            suffix = "_local" if kind == "local" else ""
+            cos, sin = getattr(self, "rope_cos" + suffix), getattr(self, "rope_sin" + suffix)
+            dtype = cos.dtype
+            zero, ninf = torch.zeros(1, dtype=dtype), torch.full((1,), float("-inf"), dtype=dtype)
+            out[kind] = {
+                "q_cos": cos[rows], "q_sin": sin[rows],  # [3, T, R/2]
+                "k_cos": cos[rows[1]], "k_sin": sin[rows[1]],  # the chunk's keys at their slots
+                "frames": frames.to(dtype),  # [3, T, C + T]
+                "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf),  # [T, C + T]
+            }
+        return out
 
     def cache_parts(self, kv_cache: Tensor) -> list[Tensor]:
         """The stacked cache [2, L, KV, C, D] as 2L views [KV, C, D]: keys of layers 0..L-1, then values."""
@@ -212,6 +274,8 @@ class StreamingLM(nn.Module):
             raise ValueError(f"chunk of {t} tokens exceeds max_chunk={self.max_chunk}")
         ctx = self.context(t, input_pos)
         x = self.embed_tokens(tokens)
+        if self.cfg.embed_scale * self.cfg.residual_scale != 1.0:
+            x = x * (self.cfg.embed_scale * self.cfg.residual_scale)
         n = self.cfg.num_layers
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
@@ -234,24 +298,39 @@ class StreamingLM(nn.Module):
         ExecuTorch's reinplace pass keeps in place: one slot per layer written a token, nothing copied).
         Entries feeding a slot a later entry of the chunk also writes are replaced by that later one first,
         so a scatter with repeated slots writes equal values, in any order."""
-        s, w = self.sink, self.window
         t = entries[0].shape[1]
         q_pos = input_pos.to(torch.int64) + torch.arange(t, dtype=torch.int64)
-        newest = None
-        if t > 1:
-            i = torch.arange(t, dtype=torch.int64)
-            newest = torch.where(q_pos < s, i, i + w * torch.div(t - 1 - i, w, rounding_mode="floor"))
-        slots = slot_index(q_pos, s, w)
-        for cache, entry in zip(caches, entries, strict=True):
+        plan = {}  # per (S, W): the slots written and which entry each takes
+        for s, w in self.geometry.values():
+            newest = None
+            if t > 1:
+                i = torch.arange(t, dtype=torch.int64)
+                newest = torch.where(q_pos < s, i, i + w * torch.div(t - 1 - i, w, rounding_mode="floor"))
+            plan[s, w] = slot_index(q_pos, s, w), newest
+        n = self.cfg.num_layers
+        for j, (cache, entry) in enumerate(zip(caches, entries, strict=True)):
+            slots, newest = plan[self.layer_geometry(j % n)]
             cache[:, slots] = entry if newest is None else entry.index_select(1, newest)
 
     def blended(self, cache: Tensor, entries: Tensor, input_pos: Tensor) -> Tensor:
         """The stacked cache with stacked entries [2, L, KV, T, D] in their slots, as a fixed-shape blend of
         the whole cache (keep or pick each slot: the form coremltools converts; it rejects index_copy)."""
         t = entries.shape[3]
-        written, src = chunk_writes(input_pos.to(torch.int64), t, self.sink, self.window)
-        keep = torch.logical_not(written).to(cache.dtype).view(-1, 1)
-        pick = torch.logical_and(written[:, None], src[:, None] == torch.arange(t)[None, :]).to(cache.dtype)
+        masks = {}  # per (S, W): keep [C, 1] and pick [C, T] over the buffer's slots
+        for s, w in self.geometry.values():
+            written, src = chunk_writes(input_pos.to(torch.int64), t, s, w)
+            if s + w < self.slots:
+                written = torch.cat([written, torch.zeros(self.slots - s - w, dtype=torch.bool)])
+                src = torch.cat([src, torch.zeros(self.slots - s - w, dtype=torch.int64)])
+            keep = torch.logical_not(written).to(cache.dtype).view(-1, 1)
+            pick = torch.logical_and(written[:, None], src[:, None] == torch.arange(t)[None, :]).to(cache.dtype)
+            masks[s, w] = keep, pick
+        if len(masks) == 1:
+            keep, pick = masks[self.sink, self.window]
+        else:  # a hybrid model: each layer its own, [1, L, 1, C, 1] and [1, L, 1, C, T]
+            per_layer = [masks[self.layer_geometry(i)] for i in range(self.cfg.num_layers)]
+            keep = torch.stack([k for k, _ in per_layer]).unsqueeze(0).unsqueeze(2)
+            pick = torch.stack([p for _, p in per_layer]).unsqueeze(0).unsqueeze(2)
         # One token: a broadcast product rather than a matmul.
         return cache * keep + (pick * entries if t == 1 else torch.matmul(pick, entries))
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from exporter.config import cache_sizes
-from runtimes.cli_ppl import read_tokens, report, stream_nll
+from runtimes.cli_ppl import adds_bos, read_tokens, report, stream_nll
 from runtimes.errors import EdgekvError
 from runtimes.manifest import load_tokenizer
 
@@ -30,7 +30,8 @@ def main(args: argparse.Namespace) -> int:
     from exporter.loaders import load_checkpoint
 
     ckpt = load_checkpoint(args.model)
-    ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), args.text, args.tokens)
+    tokenizer = load_tokenizer(ckpt.tokenizer_dir)
+    ids = read_tokens(tokenizer, args.text, args.tokens)
     sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
     mode = args.mode
     if mode == "dense" and len(ids) > ckpt.config.max_position_embeddings and not args.allow_long_context:
@@ -42,4 +43,4 @@ def main(args: argparse.Namespace) -> int:
     # "after fill" counts predictions once the ring is full; dense uses the S + W it would have had.
     tail_from = sink + window if mode != "dense" else sum(cache_sizes(ckpt.config, args.sink, args.window, True))
     nll = eager_nll(ckpt, ids, sink, window, chunk=args.chunk, desc=f"ppl {mode}")
-    return report(args, ids, nll, mode, sink, window, tail_from)
+    return report(args, ids, nll, mode, sink, window, tail_from, adds_bos(tokenizer))

@@ -35,7 +35,8 @@ PRECISION_RANK = ("fp32", "fp16", "int8", "int4")  # a pair is judged by its les
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="an exported edgekv folder")
-    p.add_argument("--tokens", type=int, help="stream length (default S + 3W + chunk: three wraps of the ring)")
+    p.add_argument("--tokens", type=int, help="stream length (default S + 3W + chunk: three wraps of the ring; "
+                   "at least three laps of a hybrid model's local ring)")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text to stream (default: the shipped excerpt)")
     p.add_argument("--unquantized", type=Path, metavar="DIR",
                    help="for a quantized artifact: its target's unquantized export of the same model and cache to "
@@ -96,7 +97,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     manifest = read_manifest(args.artifact)
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]
-    n = args.tokens or sink + 3 * window + chunk
+    # Three wraps of the ring, and three laps of a hybrid model's local ring.
+    n = args.tokens or max(sink + 3 * window, 3 * (manifest.get("local") or {}).get("window", 0)) + chunk
     scheme = manifest.get("quantization", {}).get("scheme", "none")
     if args.onnx and scheme != "none":
         raise EdgekvError("--onnx is for unquantized artifacts; compare a quantized one with --unquantized DIR")

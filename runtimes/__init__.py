@@ -24,7 +24,7 @@ from runtimes.manifest import (
     special_tokens,
 )
 from runtimes.progress import say
-from runtimes.slots import slot_of
+from runtimes.slots import layer_geometry, slot_of
 
 # target: (runner module, the runtime it imports, the extra that installs that runtime)
 RUNNERS = {
@@ -112,9 +112,16 @@ class Runner:
         """Write a chunk's cache entries [2, L, KV, T, D] (the `cache_update` output) into their slots of the
         buffer, in place. A slot repeated within the chunk (a chunk longer than the ring) keeps the later entry,
         as NumPy assigns repeated indices in order."""
-        sink, window = self.manifest["sink"], self.manifest["window"]
-        slots = [slot_of(p, sink, window) for p in range(pos, pos + entries.shape[3])]
-        cache[:, :, slots] = entries.reshape(cache.shape[0], *entries.shape[2:])
+        entries = entries.reshape(cache.shape[0], *entries.shape[2:])
+        geometry = layer_geometry(self.manifest)
+        for s, w in set(geometry):  # layers sharing a geometry in one assignment
+            slots = [slot_of(p, s, w) for p in range(pos, pos + entries.shape[2])]
+            layers = [i for i, g in enumerate(geometry) if g == (s, w)]
+            if len(layers) == len(geometry):
+                cache[:, :, slots] = entries
+                continue
+            for row in layers + [len(geometry) + i for i in layers]:  # their keys, then their values
+                cache[row][:, slots] = entries[row]
 
 
 def open_artifact(folder: Path) -> Runner:

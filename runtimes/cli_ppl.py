@@ -36,13 +36,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def read_tokens(tokenizer, text_file: Path, n: int) -> list[int]:
+    """The first n tokens of the text, with what the tokenizer itself adds in front (Gemma: BOS, on which its
+    attention sink sits; SmolLM2: nothing)."""
     if not text_file.is_file():
         raise EdgekvError(f"{text_file}: no such text file")
     # Tokenize a prefix generous enough for n tokens rather than the whole file.
     text = text_file.read_text(encoding="utf-8", errors="replace")
-    ids = tokenizer.encode(text[: max(64, n * 16)], add_special_tokens=False).ids
+    ids = tokenizer.encode(text[: max(64, n * 16)]).ids
     if len(ids) < n:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        ids = tokenizer.encode(text).ids
     if len(ids) < 2:
         raise EdgekvError(f"{text_file}: need at least 2 tokens of text")
     return ids[:n]
@@ -77,15 +79,23 @@ def summarize(nll: np.ndarray, tail_from: int) -> dict:
     }
 
 
+def adds_bos(tokenizer) -> bool:
+    """Does the tokenizer put a special token in front of a text (its post-processor, as transformers encodes)?"""
+    return len(tokenizer.encode("a").ids) > len(tokenizer.encode("a", add_special_tokens=False).ids)
+
+
 def report(args: argparse.Namespace, ids: list[int], nll: np.ndarray, mode: str, sink: int, window: int,
-           tail_from: int) -> int:
-    result = {"tokens": len(ids), "mode": mode, "sink": sink, "window": window, **summarize(nll, tail_from)}
+           tail_from: int, bos: bool) -> int:
+    result = {"tokens": len(ids), "mode": mode, "sink": sink, "window": window, "bos": bos,
+              **summarize(nll, tail_from)}
     if args.json:
         print(json.dumps(result))
     else:
         tail = result["ppl_after_fill"]
         tail_text = f", {tail:.2f} after position {tail_from}" if tail else ""
-        print(f"{mode}: perplexity {result['ppl']:.2f} over {len(ids)} tokens{tail_text} (S={sink}, W={window})")
+        bos_text = "BOS added by the tokenizer" if bos else "no BOS (the tokenizer adds none)"
+        print(f"{mode}: perplexity {result['ppl']:.2f} over {len(ids)} tokens{tail_text} (S={sink}, W={window}; "
+              f"{bos_text})")
     return 0
 
 
@@ -98,4 +108,5 @@ def main(args: argparse.Namespace) -> int:
     ids = read_tokens(runner.tokenizer, args.text, args.tokens)
     nll = stream_nll(runner.feed_all_logits, ids, 1, "ppl")
     sink, window = runner.manifest["sink"], runner.manifest["window"]
-    return report(args, ids, nll, "sink" if sink else "window", sink, window, sink + window)
+    return report(args, ids, nll, "sink" if sink else "window", sink, window, sink + window,
+                  adds_bos(runner.tokenizer))

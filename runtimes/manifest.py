@@ -18,7 +18,8 @@ REEXPORT = "re-export with `edgekv export --force`"
 # What the model file itself records of its export (ONNX metadata_props, OpenVINO rt_info, a constant method of the
 # .pte, Core ML user-defined metadata, all under the key "edgekv"), compared with the manifest on every open.
 IDENTITY = ("format_version", "target", "sink", "window", "chunk", "vocab_size", "source.weights_sha256",
-            "quantization.scheme", "architecture.num_layers", "architecture.num_kv_heads", "architecture.head_dim")
+            "quantization.scheme", "architecture.num_layers", "architecture.num_kv_heads", "architecture.head_dim",
+            "local")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -101,8 +102,10 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
 
 
 def lookup(manifest: dict, key: str):
-    """A dotted key's value: lookup(m, "source.weights_sha256")."""
+    """A dotted key's value: lookup(m, "source.weights_sha256"); None for an optional key that is absent."""
     for part in key.split("."):
+        if part not in manifest and part == "local":
+            return None
         manifest = manifest[part]
     return manifest
 

@@ -138,6 +138,20 @@ def _silu(x):
         return x / (np.float32(1) + np.exp(-x))
 
 
+def _gelu(x, mode="EXACT"):
+    """MIL gelu; Gemma's is TANH_APPROXIMATION. In fp32 inside (x^3 overflows fp16 past |x| = 40; GELU is then x)."""
+    x32 = x.astype(np.float32)
+    if mode == "TANH_APPROXIMATION":
+        inner = np.float32(np.sqrt(2 / np.pi)) * (x32 + np.float32(0.044715) * x32 * x32 * x32)
+        with np.errstate(over="ignore"):
+            return np.float32(0.5) * x32 * (np.float32(1) + np.tanh(inner))
+    if mode == "EXACT":
+        from math import erf
+
+        return np.float32(0.5) * x32 * (np.float32(1) + np.vectorize(erf, otypes=[np.float32])(x32 / np.sqrt(2)))
+    raise Unsupported(f"gelu mode {mode!r}")
+
+
 def _inverse(x, epsilon=1e-4):
     with np.errstate(divide="ignore"):
         return np.float32(1) / (x + epsilon)
@@ -204,6 +218,8 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
     "rsqrt": _rsqrt,
     "softmax": _softmax,
     "silu": _silu,
+    "gelu": _gelu,
+    "tile": lambda x, reps: np.tile(x, [int(r) for r in reps]),
     "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
 STATE_OPS = ("read_state", "write_state")

@@ -21,10 +21,12 @@ import numpy as np
 
 from runtimes.errors import EdgekvError
 from runtimes.manifest import IDENTITY, lookup
+from runtimes.slots import cache_slots
 
 SESSION_FORMAT = "1"
 # A cache is the same whatever target or chunk produced it; the rest of the identity must match.
-SESSION_IDENTITY = tuple(k for k in IDENTITY if k not in ("target", "chunk"))
+# A hybrid model's local ring ("local") follows from its weights, which the identity already pins.
+SESSION_IDENTITY = tuple(k for k in IDENTITY if k not in ("target", "chunk", "local"))
 CHECKED = ("edgekv_session", "identity", "position", "cache_dtype", "state")  # metadata the checksum covers
 
 
@@ -94,7 +96,7 @@ def read_session(path: Path, manifest: dict) -> tuple[np.ndarray, int, dict]:
             raise EdgekvError(f"{path} was saved from another model or cache ({key} {saved.get(key)!r}, this artifact "
                               f"has {want[key]!r}); start a new session or pass the artifact it came from")
     arch = manifest["architecture"]
-    slots = manifest["sink"] + manifest["window"]
+    slots = cache_slots(manifest)
     shape = (2, arch["num_layers"], arch["num_kv_heads"], min(max(position, 0), slots), arch["head_dim"])
     if tuple(cache.shape) != shape or cache.dtype not in (np.float16, np.float32) or position < 0 or \
             not isinstance(state, dict):

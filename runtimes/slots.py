@@ -10,3 +10,17 @@ from __future__ import annotations
 def slot_of(p: int, sink: int, window: int) -> int:
     """The slot token `p` is written to."""
     return p if p < sink else sink + (p - sink) % window
+
+
+def layer_geometry(manifest: dict) -> list[tuple[int, int]]:
+    """(S, W) of each layer: the manifest's sink and window, except a hybrid model's sliding layers (its `local`
+    entry), which keep a plain ring of their model's window, S = 0 (docs/cache.md, "Hybrid models")."""
+    local = manifest.get("local") or {"window": 0, "layers": []}
+    layers = set(local["layers"])
+    return [(0, local["window"]) if i in layers else (manifest["sink"], manifest["window"])
+            for i in range(manifest["architecture"]["num_layers"])]
+
+
+def cache_slots(manifest: dict) -> int:
+    """Slots per layer in the cache buffer: the widest layer's S + W (narrower layers leave the rest unused)."""
+    return max(s + w for s, w in layer_geometry(manifest))

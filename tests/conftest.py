@@ -31,10 +31,29 @@ TINY = {
     "llama": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 64}),
+    # Llama 3.2: tied embeddings and its llama3 rope (theta 500,000, factor 32), every frequency band in use.
+    "llama3.2": dict(head_dim=16, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64}),
     "llama-linear": dict(head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "mistral": dict(head_dim=16, sliding_window=24),
     "qwen2": dict(),  # Qwen2 derives head_dim from hidden / heads; it carries q/k/v biases
+    "qwen3": dict(head_dim=16),  # q/k norms
+    "phi3": dict(),  # fused qkv_proj / gate_up_proj
+    "phi3-partial": dict(partial_rotary_factor=0.5),  # Phi-4-mini style: half of each head rotates
+    "phi3-longrope": dict(max_position_embeddings=1024, original_max_position_embeddings=256,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0 + i / 8 for i in range(6)],
+                                           "long_factor": [2.0 + i for i in range(6)]}),
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=True),  # layers 1, 3: no rotary
+    # Two sliding layers around a global one; a 7-token local ring; the (1 + w) norms, sandwich norms, q/k norms.
+    "gemma3": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   tie_word_embeddings=True),
 }
+FAMILY_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+                  "smollm3": "SmolLM3", "gemma3": "Gemma3Text"}
 
 
 def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -42,19 +61,20 @@ def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    family = kind.split("-")[0]
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    family = kind.split("-")[0].removesuffix("3.2")
+    cls = FAMILY_CLASSES[family]
     fields = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False, **TINY[kind])
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(TINY[kind])
     fields.update(overrides)
     config = getattr(transformers, cls + "Config")(**fields)
     torch.manual_seed(seed)
-    model = getattr(transformers, cls + "ForCausalLM")(config).eval()
-    with torch.no_grad():  # random biases, so a bias that is dropped shows up in the logits
+    model = getattr(transformers, ("Gemma3" if family == "gemma3" else cls) + "ForCausalLM")(config).eval()
+    with torch.no_grad():  # random biases and norm weights, so one that is dropped shows up in the logits
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.5)
+            if name.endswith(".bias") or (name.endswith("norm.weight") and family in ("qwen3", "gemma3")):
+                p.normal_(0, 0.5) if name.endswith(".bias") else p.uniform_(-0.5, 0.5).add_(family != "gemma3")
     model.save_pretrained(folder)
     vocab = {f"w{i}": i for i in range(fields["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

@@ -53,6 +53,28 @@ def test_window_mode_equals_mistral_sliding_window_at_every_position(tmp_path):
     assert rel_err(feed(model, tokens, 16), hf_logits(folder, tokens)) < 1e-4
 
 
+def test_family_configs_are_read_as_transformers_defines_them(tmp_path):
+    """What each family's config turns on (the logits tests above check that each is computed right)."""
+    cfgs = {k: load_checkpoint(make_tiny(k, tmp_path / k)).config for k in ("gemma3", "smollm3", "phi3-partial")}
+    g = cfgs["gemma3"]
+    assert (g.local_window, g.sliding_window, [g.is_local(i) for i in range(3)]) == (7, None, [True, False, True])
+    assert (g.rope_theta, g.local_rope["rope_theta"], g.norm_offset, g.hidden_act) == \
+        (1e6, 1e4, 1.0, "gelu_pytorch_tanh")
+    assert g.attn_scale == 12**-0.5 and g.embed_scale == pytest.approx(48**0.5) and g.residual_scale == 0.125
+    assert [cfgs["smollm3"].has_rope(i) for i in range(4)] == [True, False, True, False]
+    assert cfgs["phi3-partial"].rope_dim == 6 and cfgs["phi3-partial"].head_dim == 12
+
+
+def test_gemma3_hybrid_cache_layout(tmp_path):
+    """Every layer has max(S + W, local window) slots; a local layer writes token p to slot p mod 7 whatever S is."""
+    model = build_model(load_checkpoint(make_tiny("gemma3", tmp_path)), sink=2, window=3, max_chunk=16)
+    assert model.kv_cache.shape[3] == 7 and model.geometry == {"global": (2, 3), "local": (0, 7)}
+    tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    feed(model, tokens, 16)
+    written = model.kv_cache[0].abs().sum(dim=(1, 3)) > 0  # [layer, slot]
+    assert written.tolist() == [[True] * 7, [True] * 5 + [False] * 2, [True] * 7]
+
+
 def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
     from transformers import AutoModelForCausalLM
 
@@ -65,8 +87,9 @@ def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
     assert rel_err(feed(model, tokens, 32), want) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("sink,window", [(4, 7), (0, 5), (1, 6)])
+# (2, 12): Gemma's global ring (14 slots) wider than its 7-slot local one; (0, 5): narrower.
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3-partial", "smollm3", "gemma3"])
+@pytest.mark.parametrize("sink,window", [(4, 7), (0, 5), (1, 6), (2, 12)])
 @pytest.mark.parametrize("write", ["slots", "blend", "per-layer"])
 def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_path):
     """Every cache write: slots in place (eager), the whole-cache blend (Core ML), per-layer buffers (ExecuTorch)."""
@@ -76,12 +99,13 @@ def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_pat
     if write == "per-layer":
         model = model.per_layer_cache()
         assert "kv_cache" not in dict(model.named_buffers()) and len(model.caches()) == 2 * ckpt.config.num_layers
-    n = sink + 3 * window + 5  # three full wraps of the ring and a bit
+    # three full wraps of the ring and a bit, and at least four laps of a 7-slot local ring
+    n = max(sink + 3 * window + 5, 4 * (ckpt.config.local_window or 0) + 3)
     tokens = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(2))
     ref = Reference(model)
     want = torch.stack([ref.feed(int(t)) for t in tokens[0]])
     # one at a time; chunks that straddle wraps; a chunk longer than W; the largest chunk
-    for chunk in (1, 3, window + 2, 16):
+    for chunk in (1, 3, min(window + 2, 16), 16):
         assert rel_err(feed(model, tokens, chunk), want) < 1e-5, chunk
 
 

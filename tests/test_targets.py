@@ -23,7 +23,9 @@ from tests.conftest import make_tiny
 SINK, WINDOW, CHUNK = 3, 11, 5
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+# Gemma 3 (the hybrid cache) in the default tier; the families whose differences stay inside a layer in the slow one.
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", *(
+    pytest.param(k, marks=pytest.mark.slow) for k in ("mistral", "qwen3", "phi3-partial", "smollm3"))])
 def exported(request, tmp_path_factory):
     """The tiny model of one family exported to all four targets, plus its reference logits."""
     tmp = tmp_path_factory.mktemp(request.param)
@@ -31,7 +33,7 @@ def exported(request, tmp_path_factory):
     model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True)
     base = manifest_base(ckpt, SINK, WINDOW, CHUNK)
     folders = {t: export_one(model, ckpt, t, tmp / t, base, CHUNK) for t in TARGETS}
-    n = SINK + 3 * WINDOW + 2 * CHUNK  # three wraps and more
+    n = SINK + 3 * WINDOW + 2 * CHUNK  # three wraps and more (Gemma's 7-slot local ring: six laps)
     ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(5)).tolist()
     calls = schedule(n, SINK + WINDOW, CHUNK)
     ref = run_stream(ReferenceRunner(model, load_tokenizer(ckpt.tokenizer_dir)), ids, calls, "reference")
@@ -81,7 +83,8 @@ def test_coreml_package_interface(exported):
         assert [(s.name, s.type.stateType.arrayType.dataType) for s in f.state] == [("kv_cache", fp16)]
         assert list(f.state[0].type.stateType.arrayType.shape) == manifest["state"][0]["shape"]
     arch = manifest["architecture"]
-    assert manifest["state"][0]["shape"] == [2, 2, arch["num_kv_heads"], SINK + WINDOW, arch["head_dim"]]
+    assert manifest["state"][0]["shape"] == [2, arch["num_layers"], arch["num_kv_heads"], SINK + WINDOW,
+                                             arch["head_dim"]]
 
 
 def test_manifest_is_self_describing(exported):
@@ -95,11 +98,14 @@ def test_manifest_is_self_describing(exported):
         assert m["source"]["weights_sha256"].startswith("sha256:")
         assert (Path(folder) / "tokenizer.json").is_file()
         assert {i["name"] for i in m["inputs"]} >= {"tokens", "input_pos"}
+        hybrid = m["architecture"]["model_type"] == "gemma3_text"
+        assert m.get("local") == ({"window": 7, "layers": [0, 2]} if hybrid else None)
 
 
 def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
     """The Swift tests decode apps/ios-demo's fixture; it must stay what the exporter writes today."""
     fresh = json.loads((Path(exported[0]["coreml"]) / "edgekv.json").read_text())
+    fresh.pop("local", None)  # a hybrid model's key; the Swift tests decode it from their own manifest
     fixture = json.loads((Path(__file__).resolve().parents[1] / "apps" / "ios-demo" / "Tests" / "EdgeKVCoreTests"
                           / "Fixtures" / "edgekv.json").read_text())
 

@@ -52,7 +52,7 @@ public actor ChatSession {
     /// The conversation as a session file (runtimes/session.py's format): the slots written so far, the position,
     /// the messages. The app saves it when it goes to the background.
     public func sessionData() throws -> Data {
-        let a = manifest.architecture, slots = manifest.geometry.capacity
+        let a = manifest.architecture, slots = manifest.cacheSlots
         let dtype = try manifest.tensor(.cache, in: manifest.state).dtype
         let row = a.headDim * (dtype == "float16" ? 2 : 4)
         let kept = min(stream.position, slots)
@@ -77,7 +77,7 @@ public actor ChatSession {
         guard s.cacheDtype == dtype else {
             throw SessionError.corrupt("a \(s.cacheDtype) cache for a \(dtype) model; resume it where it was saved")
         }
-        let slots = manifest.geometry.capacity, kept = s.shape[3], row = s.cache.count / max(1, s.shape[0 ... 3].reduce(1, *))
+        let slots = manifest.cacheSlots, kept = s.shape[3], row = s.cache.count / max(1, s.shape[0 ... 3].reduce(1, *))
         var full = Data(count: s.shape[0] * s.shape[1] * s.shape[2] * slots * row)  // unwritten slots: never read
         for block in 0 ..< s.shape[0] * s.shape[1] * s.shape[2] {
             full.replaceSubrange(block * slots * row ..< (block * slots + kept) * row,

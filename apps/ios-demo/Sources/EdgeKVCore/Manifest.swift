@@ -31,6 +31,8 @@ public struct Manifest: Codable, Equatable, Sendable {
     public let digests: [String: String]
     /// A pinned system prompt: the artifact's initial session (`edgekv export --system-prompt`).
     public let prefix: Prefix?
+    /// A hybrid model's sliding layers (Gemma 3): a plain ring of their model's window, no sink.
+    public let local: Local?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version"
@@ -54,7 +56,17 @@ public struct Manifest: Codable, Equatable, Sendable {
         case files
         case digests
         case prefix
+        case local
     }
+
+    /// The sliding layers of a hybrid model and the ring they keep (docs/cache.md, "Hybrid models").
+    public struct Local: Codable, Equatable, Sendable {
+        public let window: Int
+        public let layers: [Int]
+    }
+
+    /// Slots per layer in the cache state: the widest layer's (narrower layers leave the rest unused).
+    public var cacheSlots: Int { max(sink + window, local?.window ?? 0) }
 
     /// The session file a pinned system prompt ships as, the prompt's token count and its text.
     public struct Prefix: Codable, Equatable, Sendable {

@@ -99,7 +99,7 @@ extension SessionFile {
         }
         let geometry = manifest.architecture
         let width = ["F16": 2, "F32": 4][dtype] ?? 0
-        let expected = [2, geometry.numLayers, geometry.numKvHeads, min(position, manifest.sink + manifest.window),
+        let expected = [2, geometry.numLayers, geometry.numKvHeads, min(position, manifest.cacheSlots),
                         geometry.headDim]
         guard width > 0, shape == expected, cache.count == shape.reduce(width, *) else {
             throw SessionError.corrupt("cache \(shape) \(dtype) at position \(position)")

@@ -20,6 +20,17 @@ final class ManifestTests: XCTestCase {
         XCTAssertNotEqual(m.entries.decode, m.entries.prefill)
     }
 
+    func testHybridModelsLocalRingSizesTheCache() throws {
+        var json = try XCTUnwrap(JSONSerialization.jsonObject(with: fixture()) as? [String: Any])
+        let plain = try Manifest.decode(fixture())
+        XCTAssertNil(plain.local)
+        XCTAssertEqual(plain.cacheSlots, plain.sink + plain.window)
+        json["local"] = ["window": plain.sink + plain.window + 5, "layers": [0]]  // wider than S + W: it sizes the cache
+        let hybrid = try Manifest.decode(JSONSerialization.data(withJSONObject: json))
+        XCTAssertEqual(hybrid.local, Manifest.Local(window: plain.sink + plain.window + 5, layers: [0]))
+        XCTAssertEqual(hybrid.cacheSlots, plain.sink + plain.window + 5)
+    }
+
     func testRefusesOtherVersionsAndTargetsWithAClearMessage() throws {
         var json = try XCTUnwrap(JSONSerialization.jsonObject(with: fixture()) as? [String: Any])
         json["format_version"] = 1
