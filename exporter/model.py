@@ -310,7 +310,9 @@ class StreamingLM(nn.Module):
         n = self.cfg.num_layers
         for j, (cache, entry) in enumerate(zip(caches, entries, strict=True)):
             slots, newest = plan[self.layer_geometry(j % n)]
-            cache[:, slots] = entry if newest is None else entry.index_select(1, newest)
+            # aten's index_put_ rather than `cache[:, slots] =`, which squeezes a leading 1 of the value (one KV head:
+            # Gemma 3 270M), a rank ExecuTorch's in-place index_put refuses at run time.
+            torch.ops.aten.index_put_(cache, [None, slots], entry if newest is None else entry.index_select(1, newest))
 
     def blended(self, cache: Tensor, entries: Tensor, input_pos: Tensor) -> Tensor:
         """The stacked cache with stacked entries [2, L, KV, T, D] in their slots, as a fixed-shape blend of

@@ -47,8 +47,9 @@ TINY = {
                                            "short_factor": [1.0 + i / 8 for i in range(6)],
                                            "long_factor": [2.0 + i for i in range(6)]}),
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=True),  # layers 1, 3: no rotary
-    # Two sliding layers around a global one; a 7-token local ring; the (1 + w) norms, sandwich norms, q/k norms.
-    "gemma3": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
+    # Two sliding layers around a global one; a 7-token local ring; the (1 + w) norms, sandwich norms, q/k norms;
+    # one KV head, as Gemma 3 270M.
+    "gemma3": dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    tie_word_embeddings=True),
 }
