@@ -149,7 +149,10 @@ def test_interrupted_export_leaves_the_tree_as_it_was(tiny_onnx, tmp_path, targe
     (tmp_path / "kept").mkdir()
     before = tree(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--model",
-                             str(folder), "--out", str(tmp_path / "new" / "out")], stderr=subprocess.PIPE, text=True)
+                             str(folder), "--out", str(tmp_path / "new" / "out")], stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C as a terminal delivers it, even where the test itself runs with SIGINT ignored
+                            # (a shell's background job)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for got in proc.stderr:
         if line in got:
             proc.send_signal(signal.SIGINT)
