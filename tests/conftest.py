@@ -66,7 +66,7 @@ def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     cls = FAMILY_CLASSES[family]
     fields = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=False, pad_token_id=None)  # SmolLM3's default pad id is past a tiny vocab
     fields.update(TINY[kind])
     fields.update(overrides)
     config = getattr(transformers, cls + "Config")(**fields)
