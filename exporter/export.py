@@ -10,7 +10,7 @@ from pathlib import Path
 
 from exporter.config import cache_sizes
 from exporter.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, NONE, SCHEMES, Quantization, check_quantization
-from exporter.targets import TARGETS, ExportSpec, target_module
+from exporter.targets import TARGETS, ExportSpec, Packer, target_module
 from runtimes.errors import EdgekvError
 from runtimes.manifest import (
     FORMAT_VERSION,
@@ -75,10 +75,16 @@ def main(args: argparse.Namespace) -> int:
             check_quantization(quant, ckpt.config)
             log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
                 f"S={sink} W={window}")
-            model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True)
             base = manifest_base(ckpt, sink, window, args.chunk)
-            log("model loaded")
+            # Quantized: a model per target whose weights are quantized into its form as they are read (memory:
+            # the quantized model and one float tensor). Float: one model for all targets.
+            model = None
             for t in targets:
+                if model is None or quant.bits:
+                    model = None  # the previous target's, before the next is read
+                    model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True,
+                                        pack=Packer(t, quant) if quant.bits else None)
+                    log(f"model loaded{f', {quant.scheme} weights in the {t} form' if quant.bits else ''}")
                 written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix))
     except BaseException:
         for d in created:

@@ -244,14 +244,24 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
 
 
 def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
-                dtype: torch.dtype | None = None, last_logits_only: bool = False) -> StreamingLM:
-    """Allocate the model once (no random init) and stream the checkpoint's tensors into it."""
+                dtype: torch.dtype | None = None, last_logits_only: bool = False, pack=None) -> StreamingLM:
+    """Allocate the model (no random init) and stream the checkpoint's tensors into it, one at a time.
+
+    `pack` (a target's Packer, exporter/targets/__init__.py) makes a quantized export's model: each linear layer
+    and the embedding stays on the meta device until its tensors are read, then is quantized into the target's
+    form and its float weight dropped. Peak memory is then the quantized model plus one float tensor."""
+    cfg = ckpt.config
     with torch.device("meta"):
-        model = StreamingLM(ckpt.config, sink, window, max_chunk, dtype or torch.float32, last_logits_only)
-    model.to_empty(device="cpu")
+        model = StreamingLM(cfg, sink, window, max_chunk, dtype or torch.float32, last_logits_only)
+    packed = {} if pack is None else {
+        name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    for name, module in model.named_modules():
+        if name not in packed:
+            module.to_empty(device="cpu", recurse=False)
     model.init_buffers()
     params = dict(model.named_parameters(remove_duplicate=False))
-    cfg = ckpt.config
+    owner = {f"{n}.{p}": n for n, m in packed.items() for p, _ in m.named_parameters(recurse=False)}
+    stream = {id(m) for layer in model.layers for m in layer.stream_outputs()}
     missing = {n for n in params if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
     for name, tensor in ckpt.tensors():
         for key, part in unfuse(name.removeprefix("model."), tensor, cfg):
@@ -262,13 +272,40 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
             if tuple(part.shape) != tuple(params[key].shape):
                 want = tuple(params[key].shape)
                 raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, the config implies {want}")
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            value = fold(cfg, module, id(module) in stream, part.to(params[key].dtype))
             with torch.no_grad():
-                params[key].copy_(part)
+                if key in owner:  # a meta parameter: takes the tensor itself (the checkpoint's copy, now float)
+                    weight = torch.nn.Parameter(value.clone(), requires_grad=False)
+                    setattr(module, attr, weight)
+                    if key in ("embed_tokens.weight", "lm_head.weight") and cfg.tie_word_embeddings:
+                        model.embed_tokens.weight = model.lm_head.weight = weight
+                else:
+                    params[key].copy_(value)
             missing.discard(key)
+            if key in owner:
+                _pack_loaded(model, packed, owner[key], pack)
     if missing:
         raise LoadError(f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}")
-    fold(model)
+    model.packed = pack.quant if pack is not None else None
     return model.eval()
+
+
+def _pack_loaded(model: StreamingLM, packed: dict, name: str, pack) -> None:
+    """Replace the module `name` by its packed form once none of its parameters is on the meta device (a tied
+    embedding and output projection together)."""
+    group = ["embed_tokens", "lm_head"] if name in ("embed_tokens", "lm_head") and model.cfg.tie_word_embeddings \
+        else [name]
+    if any(p.is_meta for g in group for p in packed[g].parameters()):
+        return
+    if len(group) == 2:
+        model.embed_tokens, model.lm_head = pack.tied(packed["embed_tokens"], packed["lm_head"])
+    else:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, pack(packed[name]))
+    for g in group:
+        del packed[g]
 
 
 def unfuse(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
@@ -284,18 +321,11 @@ def unfuse(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, 
     return [(key, tensor)]
 
 
-@torch.no_grad()
-def fold(model: StreamingLM) -> None:
-    """Fold what a family computes around its weights into them, exactly: Gemma's norms scale by 1 + weight, and a
-    residual_scale (a power of 2) scales what joins the residual stream (exporter/model.py)."""
-    cfg = model.cfg
-    if cfg.norm_offset:
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.add_(cfg.norm_offset)
-    if cfg.residual_scale != 1.0:
-        for layer in model.layers:
-            for module in layer.stream_outputs():
-                module.weight.mul_(cfg.residual_scale)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.mul_(cfg.residual_scale)
+def fold(cfg: ModelConfig, module: torch.nn.Module, stream_output: bool, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of `module` with what its family computes around it folded in, exactly: Gemma's norms scale by
+    1 + weight, and a residual_scale (a power of 2) scales what joins the residual stream (exporter/model.py)."""
+    if cfg.norm_offset and isinstance(module, RMSNorm):
+        tensor = tensor + cfg.norm_offset
+    if cfg.residual_scale != 1.0 and stream_output:
+        tensor = tensor * cfg.residual_scale
+    return tensor

@@ -178,6 +178,7 @@ class StreamingLM(nn.Module):
         self.slots = max(s + w for s, w in self.geometry.values())
         self.last_logits_only = last_logits_only
         self.write_in_place = True  # False: the whole-cache blend Core ML converts (see `blended`)
+        self.packed = None  # the Quantization its weights were packed with at load (exporter/targets: Packer)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps * cfg.residual_scale**2)
@@ -190,7 +191,7 @@ class StreamingLM(nn.Module):
     def init_buffers(self) -> None:
         """(Re)create the cache and rotary tables, e.g. after `to_empty` from the meta device."""
         cfg = self.cfg
-        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device  # never packed (loaders.build_model)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # One buffer for keys and values of all layers: one state per artifact (and coremltools'

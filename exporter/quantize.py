@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from exporter.config import ModelConfig
@@ -76,6 +77,18 @@ def untied(model: torch.nn.Module) -> torch.nn.Module:
     if model.lm_head.weight is model.embed_tokens.weight:
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
     return model
+
+
+def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-group quantization of the rows of w [N, K], as onnxruntime's MatMulNBits quantizer does it:
+    the value of largest magnitude maps to -2^(b-1), so integers in [-2^(b-1), 2^(b-1) - 1] and fp32 scales
+    [N, K / group] with w ~= q * scale (exact for weights on such a grid, see exporter.quantize.split_affine)."""
+    blocks = w.reshape(w.shape[0], -1, group)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scale = extreme / -(2 ** (bits - 1))
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(blocks / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).astype(np.int16)
+    return q.reshape(w.shape), scale.astype(np.float32)
 
 
 def affine_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,6 +30,24 @@ class ExportSpec:
     identity: str = ""  # recorded inside the model file under "edgekv" (runtimes.manifest.identity)
 
 
+class Packer:
+    """How a quantized export holds each linear layer and the embedding from the moment its weights are read
+    (loaders.build_model): the target's `pack(module, quant)` form, the one its converter takes as it is, so the
+    float model never exists. A tied embedding and output projection go to the target's `pack_tied` if it has one
+    (stored once), else are packed separately."""
+
+    def __init__(self, target: str, quant: Quantization):
+        self.target, self.quant = target_module(target), quant
+
+    def __call__(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.target.pack(module, self.quant)
+
+    def tied(self, embedding: torch.nn.Embedding, head: torch.nn.Linear) -> tuple[torch.nn.Module, torch.nn.Module]:
+        if hasattr(self.target, "pack_tied"):
+            return self.target.pack_tied(embedding, head, self.quant)
+        return self(embedding), self(head)
+
+
 def target_module(name: str):
     if name not in TARGETS:
         raise EdgekvError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or all")

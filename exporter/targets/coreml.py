@@ -9,12 +9,64 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, affine_int4
+from exporter.quantize import Quantization, affine_int4, block_quantize
 from exporter.targets import ExportSpec, io_entry, require, trace
 
 FP16_MAX = 65504.0
+
+
+class BlockwiseLinear(torch.nn.Module):
+    """A linear layer (or, read by rows, an embedding table) whose weight is torchao's `dequantize_affine` of int8
+    codes, the form coremltools converts into constexpr_blockwise_shift_scale as it is (int4 codes stored as
+    such): int4 affine as affine_int4's codes and zero points less 8 (-8 .. 7, the grid coremltools takes); int8
+    symmetric per group. A tied table serves the lookup and the output projection from one constant."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: Quantization):
+        super().__init__()
+        w = weight.detach().float()
+        self.group, self.bits = quant.group_size, quant.bits
+        if quant.bits == 4:
+            q, scale, zero = affine_int4(w, self.group)
+            codes, zero = q.to(torch.int8) - 8, zero - 8
+        else:
+            q, scale = block_quantize(w.numpy(), 8, self.group)
+            codes, scale, zero = torch.from_numpy(q.astype("int8")), torch.from_numpy(scale), None
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", zero if zero is None else zero.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def weight(self) -> torch.Tensor:
+        limit = 2 ** (self.bits - 1)
+        return torch.ops.torchao.dequantize_affine(self.codes, [1, self.group], self.scale, self.zero, torch.int8,
+                                                   -limit, limit - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+class BlockwiseEmbedding(torch.nn.Module):
+    def __init__(self, table: BlockwiseLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.table.weight())
+
+
+def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
+    require("torchao", "torchao==0.18.0")
+    if isinstance(module, torch.nn.Embedding):
+        return BlockwiseEmbedding(BlockwiseLinear(module.weight, None, quant))
+    return BlockwiseLinear(module.weight, module.bias, quant)
+
+
+def pack_tied(embedding, head, quant: Quantization) -> tuple[torch.nn.Module, torch.nn.Module]:
+    table = pack(head, quant)
+    return BlockwiseEmbedding(table), table
 
 
 def _fp16_warnings(model: StreamingLM, log) -> None:
@@ -106,7 +158,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
                 compute_precision=ct.precision.FLOAT16,
                 convert_to="mlprogram",
             )
-            if spec.quant.bits:
+            if spec.quant.bits and not model.packed:
                 mlmodel = quantize(mlmodel, model.cfg.vocab_size, spec.quant)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
@@ -126,7 +178,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float16",
         "minimum_deployment_target": "iOS18",
         "quantization": spec.quant.manifest(
-            "coremltools.optimize linear_quantize_weights" if spec.quant.bits else "none",
+            ("torchao dequantize_affine, written as each weight was read" if model.packed else
+             "coremltools.optimize linear_quantize_weights") if spec.quant.bits else "none",
             spec.quant.describe("fp16 scales and zero points") + ", linear layers and embedding "
             "(constexpr_blockwise_shift_scale)" if spec.quant.bits else "float16",
             "float16", "float16"),

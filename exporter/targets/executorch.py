@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, untied, with_offsets
+from exporter.quantize import OffsetEmbedding, OffsetLinear, Quantization, untied, with_offsets
 from exporter.targets import ExportSpec, io_entry, require, trace
 from runtimes.executorch_runner import IDENTITY_METHOD, READ_CACHE, WRITE_CACHE
 
@@ -20,14 +20,30 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     ExecuTorch's quantized kernels: `import executorch.kernels.quantized` in Python).
     int4 is affine: XNNPACK's 4-bit weights are symmetric, so each layer carries symmetric weights plus float32
     offsets (exporter.quantize.with_offsets); the scale rule that never clips recovers the grid's scale exactly."""
+    model = untied(model)
+    if quant.bits == 4:
+        model = with_offsets(model, quant.group_size)
+    _torchao(model, quant)
+    return model
+
+
+def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
+    """One layer as `quantize` leaves it, quantized as it is read (loaders.build_model); a tied table is packed
+    twice, for the lookup and for the output projection, as `quantize` unties it."""
+    if quant.bits == 4:
+        module = (OffsetEmbedding if isinstance(module, torch.nn.Embedding) else OffsetLinear)(module, quant.group_size)
+    holder = torch.nn.Module()  # quantize_ replaces the modules under a parent
+    holder.layer = module
+    _torchao(holder, quant)
+    return holder.layer
+
+
+def _torchao(model: torch.nn.Module, quant: Quantization) -> None:
     require("torchao", "torchao==0.18.0")
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
-    model = untied(model)
-    if quant.bits == 4:
-        model = with_offsets(model, quant.group_size)
     dtype = getattr(torch, quant.scheme)
     mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if quant.bits == 4 else MappingType.SYMMETRIC
     linear = PerGroup(quant.group_size) if quant.bits == 4 else PerAxis(0)
@@ -41,7 +57,6 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size),
                                           mapping_type=mapping),
               filter_fn=weights(torch.nn.Embedding))
-    return model
 
 
 def cache_access(split: StreamingLM) -> dict[str, torch.export.ExportedProgram]:
@@ -72,7 +87,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     from executorch.exir.passes import MemoryPlanningPass
 
     quant = spec.quant
-    if quant.bits:
+    if quant.bits and not model.packed:
         model = quantize(model, quant)
         spec.log(f"quantized weights to {quant.scheme} with torchao")
     # One buffer per layer and half: ExecuTorch copies every slice it takes of a buffer.

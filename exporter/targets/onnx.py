@@ -15,8 +15,9 @@ import torch
 from onnx import numpy_helper
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, with_offsets
+from exporter.quantize import Quantization, block_quantize, with_offsets
 from exporter.targets import ExportSpec, io_entry, require
+from exporter.targets.nbits import pack, pack_tied, translations  # noqa: F401 (pack, pack_tied: the Packer's)
 
 
 class PureStep(torch.nn.Module):
@@ -48,10 +49,11 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
             PureStep(model).eval(), args, dynamo=True, verbose=False,
             input_names=["tokens", "input_pos", *cache_names(model)], output_names=["logits", "kv_update"],
             dynamic_shapes={"tokens": {1: t}, "input_pos": None, "caches": [None] * len(caches)},
+            custom_translation_table=translations(),
         )
     program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
     # Weights go to a side file past protobuf's 2 GB limit.
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
+    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 1.8e9
     program.save(str(path), external_data=big)
 
 
@@ -65,18 +67,6 @@ def pure_io(model: StreamingLM) -> dict:
                     io_entry("cache_update", "kv_update", "float32", cache[:3] + ["T"] + cache[4:])],
         "state": [],
     }
-
-
-def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-group quantization of the rows of w [N, K], as onnxruntime's MatMulNBits quantizer does it:
-    the value of largest magnitude maps to -2^(b-1), so integers in [-2^(b-1), 2^(b-1) - 1] and fp32 scales
-    [N, K / group] with w ~= q * scale (exact for weights on such a grid, see exporter.quantize.split_affine)."""
-    blocks = w.reshape(w.shape[0], -1, group)
-    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
-    scale = extreme / -(2 ** (bits - 1))
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(blocks / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).astype(np.int16)
-    return q.reshape(w.shape), scale.astype(np.float32)
 
 
 def quantized_gather(node, table: np.ndarray, quant: Quantization, graph) -> list:
@@ -194,24 +184,25 @@ def stored_as_fp16(graph, names: set[str]) -> None:
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
-    if spec.quant.bits == 4:
-        model = with_offsets(model, spec.quant.group_size)
+    quant = spec.quant
+    if quant.bits == 4 and not model.packed:
+        model = with_offsets(model, quant.group_size)
     write_onnx(model, out_dir / "model.onnx", spec.chunk, spec.identity)
     spec.log("converted to ONNX")
-    quant = spec.quant
-    if quant.bits:
+    if quant.bits and not model.packed:
         quantize_onnx(out_dir / "model.onnx", quant)
         spec.log(f"quantized weights to {quant.scheme} (MatMulNBits, GatherBlockQuantized)")
     files = {"model": "model.onnx"}
     if (out_dir / "model.onnx.data").exists():
         files["external_data"] = "model.onnx.data"
+    how = "written as each weight was read" if model.packed else "onnxruntime's quantizer"
     return {
         "files": files,
         "entries": {"decode": "model.onnx (T=1)", "prefill": f"model.onnx (T={spec.chunk})"},
         **pure_io(model),
         "compute_precision": "float32",
         "quantization": quant.manifest(
-            "onnxruntime MatMulNBits (accuracy level 4) + GatherBlockQuantized" if quant.bits else "none",
+            f"MatMulNBits (accuracy level 4) + GatherBlockQuantized, {how}" if quant.bits else "none",
             quant.describe("stored as symmetric int4 + float16 offsets") if quant.bits else "float32",
             "int8 per block in the products" if quant.bits else "float32", "float32"),
     }

@@ -14,6 +14,7 @@ import onnx
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, with_offsets
 from exporter.targets import ExportSpec, require
+from exporter.targets.nbits import pack, pack_tied  # noqa: F401 (the Packer's: the ONNX form, read as compressed weights)
 from exporter.targets.onnx import offset_products, pure_io, write_onnx
 
 NNCF_MODE = {"int8": "INT8_SYM", "int4": "INT4_SYM"}
@@ -34,18 +35,24 @@ def compress(ir, quant: Quantization, offset_matmuls: list[str]):
     return nncf.compress_weights(ir, mode=mode)
 
 
+def packed_manifest(quant: Quantization) -> dict:
+    return quant.manifest("MatMulNBits / GatherBlockQuantized (written as each weight was read), read by OpenVINO's "
+                          "ONNX frontend as compressed weights", quant.describe("stored as symmetric int4 + float16 "
+                          "offsets"), "float32 (the CPU plugin may compute int8 products)", "float32")
+
+
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ov = require("openvino", "openvino")
-    if spec.quant.bits == 4:
-        model = with_offsets(model, spec.quant.group_size)
+    quant = spec.quant
+    if quant.bits == 4 and not model.packed:
+        model = with_offsets(model, quant.group_size)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         write_onnx(model, onnx_path, spec.chunk, spec.identity)
         spec.log("converted to ONNX")
         ir = ov.convert_model(str(onnx_path))
         offsets = offset_products(onnx.load(str(onnx_path), load_external_data=False).graph)
-    quant = spec.quant
-    if quant.bits:
+    if quant.bits and not model.packed:
         ir = compress(ir, quant, offsets)
         spec.log(f"compressed weights to {quant.scheme} with NNCF")
     ir.set_rt_info(spec.identity, ["edgekv"])  # read by the runner
@@ -56,7 +63,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "entries": {"decode": "model.xml (T=1)", "prefill": f"model.xml (T={spec.chunk})"},
         **pure_io(model),
         "compute_precision": "float32",
-        "quantization": quant.manifest(
+        "quantization": packed_manifest(quant) if model.packed else quant.manifest(
             f"NNCF {NNCF_MODE.get(quant.scheme, 'none')}", {
                 "int4": quant.describe("as symmetric int4 + float32 offsets; all layers incl. embedding and output"),
                 "int8": "int8 symmetric, one scale per output channel, all layers incl. embedding and output",
