@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,8 @@ class Checkpoint:
         if self.kind == "gguf":
             yield from _gguf_tensors(self.files[0], self.config)
             return
-        from safetensors import safe_open
-
         for f in self.files:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    yield name, st.get_tensor(name)
+            yield from _safetensors(f)
 
     def weights_hash(self) -> str:
         h = hashlib.sha256()
@@ -55,6 +52,37 @@ class Checkpoint:
                 while block := fh.read(1 << 24):
                     h.update(block)
         return "sha256:" + h.hexdigest()
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a .safetensors file, each read into memory of its own (the format: an 8-byte header length, a
+    JSON header of dtype, shape and byte offsets, the data). Read, not memory-mapped: a mapping keeps every page
+    it touched resident, which counted a whole 2 GB shard in the export's memory."""
+    with open(path, "rb") as fh:
+        try:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise LoadError(f"{path}: not a readable .safetensors file") from None
+        start = 8 + length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise LoadError(f"{path}: {name} has dtype {entry.get('dtype')}, which edgekv does not read")
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise LoadError(f"{path}: {name}'s size does not match its shape; the file is damaged")
+            fh.seek(start + begin)
+            if fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise LoadError(f"{path}: {name} is cut short; the file is damaged")
+            yield name, tensor
 
 
 def embedded_path(spec: str) -> Path:
@@ -274,15 +302,14 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
                 raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, the config implies {want}")
             module_name, _, attr = key.rpartition(".")
             module = model.get_submodule(module_name)
-            value = fold(cfg, module, id(module) in stream, part.to(params[key].dtype))
             with torch.no_grad():
-                if key in owner:  # a meta parameter: takes the tensor itself (the checkpoint's copy, now float)
-                    weight = torch.nn.Parameter(value.clone(), requires_grad=False)
+                if key in owner:  # a meta parameter takes the tensor as read (dtype too); the Packer converts it
+                    weight = torch.nn.Parameter(fold(cfg, module, id(module) in stream, part), requires_grad=False)
                     setattr(module, attr, weight)
                     if key in ("embed_tokens.weight", "lm_head.weight") and cfg.tie_word_embeddings:
                         model.embed_tokens.weight = model.lm_head.weight = weight
                 else:
-                    params[key].copy_(value)
+                    params[key].copy_(fold(cfg, module, id(module) in stream, part.to(params[key].dtype)))
             missing.discard(key)
             if key in owner:
                 _pack_loaded(model, packed, owner[key], pack)

@@ -91,6 +91,17 @@ def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np
     return q.reshape(w.shape), scale.astype(np.float32)
 
 
+def by_rows(quantize, w: torch.Tensor, rows: int = 4096) -> tuple:
+    """quantize(block) over blocks of rows of w, taken as float32, with the outputs (tensors or arrays) concatenated:
+    a big table (a 128k-row embedding) needs one block's temporaries, not the table's, nor a float32 copy of it."""
+    parts = [quantize(w[i:i + rows].float()) for i in range(0, w.shape[0], rows)]
+
+    def join(p):
+        return torch.cat(p) if isinstance(p[0], torch.Tensor) else np.concatenate(p)
+
+    return tuple(join(p) for p in zip(*parts, strict=True))
+
+
 def affine_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max affine 4-bit rounding of the rows of w [N, K] per group of `group` input channels: codes q in
     0..15 (uint8), a scale and a float zero point per group [N, K / group], w ~= scale * (q - zero). This is

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, affine_int4, block_quantize
+from exporter.quantize import Quantization, affine_int4, block_quantize, by_rows
 from exporter.targets import ExportSpec, io_entry, require, trace
+from exporter.targets.mlpackage import merge
 
 FP16_MAX = 65504.0
 
@@ -26,13 +27,12 @@ class BlockwiseLinear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: Quantization):
         super().__init__()
-        w = weight.detach().float()
         self.group, self.bits = quant.group_size, quant.bits
         if quant.bits == 4:
-            q, scale, zero = affine_int4(w, self.group)
+            q, scale, zero = by_rows(lambda w: affine_int4(w, self.group), weight.detach())
             codes, zero = q.to(torch.int8) - 8, zero - 8
         else:
-            q, scale = block_quantize(w.numpy(), 8, self.group)
+            q, scale = by_rows(lambda w: block_quantize(w.numpy(), 8, self.group), weight.detach())
             codes, scale, zero = torch.from_numpy(q.astype("int8")), torch.from_numpy(scale), None
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
@@ -122,7 +122,7 @@ def _affine_int4_pass():
 
 def stamp(package: Path, identity: str) -> None:
     """The identity as user-defined metadata of the package's spec (MLModel.modelDescription.metadata in the app;
-    save_multifunction keeps no metadata of its functions, so it is written into the saved spec)."""
+    the merged package keeps no metadata of its functions, so it is written into the saved spec)."""
     import coremltools as ct
 
     manifest = json.loads((package / "Manifest.json").read_text())
@@ -131,6 +131,15 @@ def stamp(package: Path, identity: str) -> None:
     spec.ParseFromString(spec_file.read_bytes())
     spec.description.metadata.userDefined["edgekv"] = identity
     spec_file.write_bytes(spec.SerializeToString())
+
+
+def _pipeline(ct):
+    """coremltools' default passes but `const_deduplication`, which evaluated every quantized weight to float and
+    compared equal-shaped ones in full (7 bytes a weight at its peak: 10 GB for a 1B int4 model). Weights are
+    never duplicates; the tied table is one torch constant already, and `merge` shares decode's and prefill's."""
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::const_deduplication"])
+    return pipeline
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
@@ -144,7 +153,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     model.write_in_place = False
     shape = tuple(model.kv_cache.shape)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        desc = ct.utils.MultiFunctionDescriptor()
+        packages = {}
         for name, tokens in (("decode", 1), ("prefill", spec.chunk)):
             # Core ML wants int32 inputs; decompositions first (DESIGN.md probe).
             program = trace(model, tokens, torch.int32).run_decompositions({})
@@ -157,16 +166,16 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
                 minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16,
                 convert_to="mlprogram",
+                pass_pipeline=_pipeline(ct),
             )
             if spec.quant.bits and not model.packed:
                 mlmodel = quantize(mlmodel, model.cfg.vocab_size, spec.quant)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel, program
-            desc.add_function(str(path), src_function_name="main", target_function_name=name)
+            packages[name] = path
             spec.log(f"converted {name} function")
-        desc.default_function_name = "decode"
-        ct.utils.save_multifunction(desc, str(out_dir / "model.mlpackage"))
+        merge(packages, out_dir / "model.mlpackage", default="decode")
     stamp(out_dir / "model.mlpackage", spec.identity)
     spec.log("saved multifunction package")
     return {

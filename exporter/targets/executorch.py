@@ -30,6 +30,7 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
 def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
     """One layer as `quantize` leaves it, quantized as it is read (loaders.build_model); a tied table is packed
     twice, for the lookup and for the output projection, as `quantize` unties it."""
+    module = module.float()  # the checkpoint's dtype until now (loaders.build_model); torchao's scales follow it
     if quant.bits == 4:
         module = (OffsetEmbedding if isinstance(module, torch.nn.Embedding) else OffsetLinear)(module, quant.group_size)
     holder = torch.nn.Module()  # quantize_ replaces the modules under a parent

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporter.quantize import Quantization, affine_int4, block_quantize
+from exporter.quantize import Quantization, affine_int4, block_quantize, by_rows
 
 
 def _unpack(data: Tensor, bits: int) -> Tensor:
@@ -101,16 +101,15 @@ class NBitsLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, quant: Quantization):
         super().__init__()
-        w = weight.detach().float()
-        n, k = w.shape
+        n, k = weight.shape
         self.bits, self.group = quant.bits, quant.group_size
         offset = None
         if quant.bits == 4:
-            q, scale, zero = affine_int4(w, self.group)
+            q, scale, zero = by_rows(lambda w: affine_int4(w, self.group), weight.detach())
             offset = (scale * (8 - zero)).half()
             q = q[:, 0::2] | (q[:, 1::2] << 4)
         else:
-            codes, scale = block_quantize(w.numpy(), quant.bits, self.group)
+            codes, scale = by_rows(lambda w: block_quantize(w.numpy(), quant.bits, self.group), weight.detach())
             q, scale = torch.from_numpy((codes + 2 ** (quant.bits - 1)).astype(np.uint8)), torch.from_numpy(scale)
         self.register_buffer("data", q.reshape(n, k // self.group, -1).contiguous())
         self.register_buffer("scales", scale.float().reshape(-1).contiguous())
@@ -127,20 +126,32 @@ class NBitsLinear(nn.Module):
 
 
 class NBitsEmbedding(nn.Module):
-    """The lookup of a table held as an NBitsLinear (the output projection's, when tied: stored once), through
-    GatherBlockQuantized; affine int4 adds each row's offsets, repeated over their group."""
+    """The lookup of a table quantized as an NBitsLinear, through GatherBlockQuantized; affine int4 adds each row's
+    offsets, repeated over their group. Tied to the output projection (`tied`), it reads that layer's bytes through
+    a reshape in the graph, which onnxruntime folds at load (stored once); else it holds them in the op's layout, as
+    constants (OpenVINO's frontend takes nothing else)."""
 
-    def __init__(self, table: NBitsLinear):
+    def __init__(self, table: NBitsLinear, tied: bool = False):
         super().__init__()
-        self.table = table
+        self.bits, self.group = table.bits, table.group
+        if tied:
+            self.table = table
+        else:
+            rows = table.data.shape[0]
+            self.register_buffer("data", table.data.reshape(rows, -1))
+            self.register_buffer("scales", table.scales.reshape(rows, -1))
+            self.register_buffer("offset", table.offset)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        t = self.table
-        rows = t.data.shape[0]
-        x = torch.ops.edgekv.gather_nbits(t.data.view(rows, -1), tokens, t.scales.view(rows, -1), t.bits, t.group)
-        if t.offset is not None:
-            off = F.embedding(tokens, t.offset.float())
-            x = x + off.unsqueeze(-1).expand(*off.shape, t.group).flatten(-2)
+        if hasattr(self, "table"):
+            rows = self.table.data.shape[0]
+            data, scales, offset = self.table.data.view(rows, -1), self.table.scales.view(rows, -1), self.table.offset
+        else:
+            data, scales, offset = self.data, self.scales, self.offset
+        x = torch.ops.edgekv.gather_nbits(data, tokens, scales, self.bits, self.group)
+        if offset is not None:
+            off = F.embedding(tokens, offset.float())
+            x = x + off.unsqueeze(-1).expand(*off.shape, self.group).flatten(-2)
         return x
 
 
@@ -152,4 +163,4 @@ def pack(module: nn.Module, quant: Quantization) -> nn.Module:
 
 def pack_tied(embedding: nn.Embedding, head: nn.Linear, quant: Quantization) -> tuple[nn.Module, nn.Module]:
     table = NBitsLinear(head.weight, None, quant)
-    return NBitsEmbedding(table), table
+    return NBitsEmbedding(table, tied=True), table

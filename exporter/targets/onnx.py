@@ -52,8 +52,9 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
             custom_translation_table=translations(),
         )
     program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
-    # Weights go to a side file past protobuf's 2 GB limit.
-    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 1.8e9
+    # Weights past 0.5 GB go to a side file, written a tensor at a time (inside the protobuf, saving held two more
+    # copies of them; and protobuf stops at 2 GB).
+    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 0.5e9
     program.save(str(path), external_data=big)
 
 

@@ -14,7 +14,10 @@ import onnx
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, with_offsets
 from exporter.targets import ExportSpec, require
-from exporter.targets.nbits import pack, pack_tied  # noqa: F401 (the Packer's: the ONNX form, read as compressed weights)
+
+# The Packer's: the ONNX form, which the ONNX frontend reads as compressed weights. A tied table is packed twice: the
+# frontend takes GatherBlockQuantized's data only as a constant, not as a reshape of MatMulNBits' weights.
+from exporter.targets.nbits import pack  # noqa: F401
 from exporter.targets.onnx import offset_products, pure_io, write_onnx
 
 NNCF_MODE = {"int8": "INT8_SYM", "int4": "INT4_SYM"}

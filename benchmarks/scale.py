@@ -1,0 +1,177 @@
+"""Big models on a small machine: export, peak memory, size and decode speed of random checkpoints with the shapes
+of Llama-3.2-1B and Mistral-7B.
+
+    python benchmarks/scale.py --shape 1b --targets onnx,openvino,executorch,coreml --schemes int4,none \
+        --work /tmp/scale [--positions 1024,4096] [--json out.json]
+
+Writes the checkpoint itself (sharded bf16 safetensors, fixed seed, a word-level tokenizer) unless it exists, then
+exports each target x scheme in its own process (`edgekv export`, window 124 unless --window), measuring wall time
+and peak RSS of that process, the artifact's size, and decode ms/token at each position (a runnable target's
+runner, the stream fed up to the position in prefill chunks; its RSS after each). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# name -> Hugging Face config fields (random weights: only the shapes are the real models')
+SHAPES = {
+    "1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+               intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32768, hidden_size=4096,
+               intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
+               rope_theta=1000000.0, sliding_window=None),
+}
+SHARD_BYTES = 2 << 30
+
+
+def write_checkpoint(folder: Path, fields: dict, seed: int = 0) -> Path:
+    """A Hugging Face folder with random bf16 weights (normal, std 0.02; norms 1) of this config, in shards of at most
+    2 GiB, written one tensor at a time; a word-level tokenizer over w0 .. w{V-1}. Nothing if it already exists."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    h, kv, d, n = fields["hidden_size"], fields["num_key_value_heads"], fields["head_dim"], fields["num_hidden_layers"]
+    shapes = {"model.embed_tokens.weight": (fields["vocab_size"], h)}
+    for i in range(n):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (fields["num_attention_heads"] * d, h),
+                       p + "self_attn.k_proj.weight": (kv * d, h), p + "self_attn.v_proj.weight": (kv * d, h),
+                       p + "self_attn.o_proj.weight": (h, fields["num_attention_heads"] * d),
+                       p + "mlp.gate_proj.weight": (fields["intermediate_size"], h),
+                       p + "mlp.up_proj.weight": (fields["intermediate_size"], h),
+                       p + "mlp.down_proj.weight": (h, fields["intermediate_size"])})
+    shapes["model.norm.weight"] = (h,)
+    if not fields["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (fields["vocab_size"], h)
+    gen = torch.Generator().manual_seed(seed)
+    shard, size, index = {}, 0, []
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(index) + 1:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            index.append(name)
+            shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+        t = t.to(torch.bfloat16)
+        if size + t.numel() * 2 > SHARD_BYTES:
+            flush()
+        shard[name], size = t, size + t.numel() * 2
+    flush()
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(fields["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(fields, indent=2))  # last: marks the folder complete
+    return folder
+
+
+def peak_rss_run(cmd: list[str], log: Path | None = None) -> tuple[int, float, float]:
+    """Run cmd in a child process: (exit code, wall seconds, its peak RSS in GB). A fresh interpreter runs it, so
+    the peak is that command's alone (RUSAGE_CHILDREN of a process with one child)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "code = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
+             "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, str(log or "/dev/null"), *cmd], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return int(out[0]), float(out[1]), int(out[2]) / 1e6
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def rss_now() -> float:
+    """This process's resident memory now, GB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024 / 1e9
+
+
+def decode_ms(folder: Path, positions: list[int], tokens: int = 16) -> dict:
+    """ms/token (median of `tokens` decode calls) at each stream position, and this process's RSS after them."""
+    from runtimes import open_artifact
+
+    runner = open_artifact(folder)
+    rng = np.random.default_rng(0)
+    vocab = runner.manifest["vocab_size"]
+    chunk = runner.manifest["chunk"]
+    out, fed = {}, 0
+    for pos in positions:
+        while fed < pos:  # prefill chunks up to the position
+            n = min(chunk, pos - fed)
+            runner.feed(list(rng.integers(0, vocab, n)))
+            fed += n
+        times = []
+        for i in range(tokens + 4):  # the first 4 after a prefill warm up (a runtime switching shapes)
+            t = time.perf_counter()
+            runner.feed([int(rng.integers(0, vocab))])
+            fed += 1
+            if i >= 4:
+                times.append((time.perf_counter() - t) * 1000)
+        out[pos] = {"ms": round(statistics.median(times), 2), "rss_gb": round(rss_now(), 2)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, default="1b")
+    ap.add_argument("--targets", default="onnx,openvino,executorch,coreml")
+    ap.add_argument("--schemes", default="int4,none")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekv-scale"))
+    ap.add_argument("--window", type=int, default=124)
+    ap.add_argument("--positions", default="1024,4096", help="stream positions to time decode at")
+    ap.add_argument("--decode-only", action="store_true", help="reuse existing artifacts, time decode")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    ckpt = write_checkpoint(args.work / f"ckpt-{args.shape}", SHAPES[args.shape])
+    positions = [int(p) for p in args.positions.split(",") if p]
+    rows = []
+    for scheme in args.schemes.split(","):
+        for target in args.targets.split(","):
+            out = args.work / f"out-{args.shape}"
+            folder = out / (target if scheme == "none" else f"{target}-{scheme}")
+            row = {"shape": args.shape, "target": target, "scheme": scheme}
+            if not args.decode_only:
+                cmd = [sys.executable, "-m", "exporter.cli", "export", "--target", target, "--quantize", scheme,
+                       "--model", str(ckpt), "--window", str(args.window), "--out", str(out), "--force"]
+                code, wall, rss = peak_rss_run(cmd, args.work / f"export-{args.shape}-{target}-{scheme}.log")
+                row.update(exit=code, wall_s=round(wall, 1), peak_rss_gb=round(rss, 2))
+                print(json.dumps(row), flush=True)
+            if folder.is_dir():
+                row["size_gb"] = round(folder_bytes(folder) / 1e9, 2)
+                if target != "coreml" and positions:
+                    row["decode"] = decode_ms(folder, positions)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    print(f"\n| target | precision | wall | peak RSS | size | decode ms/token at {', '.join(map(str, positions))} |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        dec = " / ".join(f"{v['ms']:.1f}" for v in r.get("decode", {}).values()) or "not run here"
+        print(f"| {r['target']} | {r['scheme']} | {r.get('wall_s', '-')} s | {r.get('peak_rss_gb', '-')} GB | "
+              f"{r.get('size_gb', '-')} GB | {dec} |")
+
+
+if __name__ == "__main__":
+    main()
