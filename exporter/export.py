@@ -76,16 +76,15 @@ def main(args: argparse.Namespace) -> int:
             log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
                 f"S={sink} W={window}")
             base = manifest_base(ckpt, sink, window, args.chunk)
-            # Quantized: a model per target whose weights are quantized into its form as they are read (memory:
-            # the quantized model and one float tensor). Float: one model for all targets.
-            model = None
+            # A model per target, read from the checkpoint for that export alone (which may free its weights once
+            # they are written); quantized, its weights go into the target's form as they are read (memory: the
+            # quantized model and one float tensor).
             for t in targets:
-                if model is None or quant.bits:
-                    model = None  # the previous target's, before the next is read
-                    model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True,
-                                        pack=Packer(t, quant) if quant.bits else None)
-                    log(f"model loaded{f', {quant.scheme} weights in the {t} form' if quant.bits else ''}")
-                written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix))
+                model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True,
+                                    pack=Packer(t, quant) if quant.bits else None)
+                log(f"model loaded{f', {quant.scheme} weights in the {t} form' if quant.bits else ''}")
+                written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix, owned=True))
+                del model
     except BaseException:
         for d in created:
             try:
@@ -155,8 +154,9 @@ def write_prefix(folder: Path, prefix: dict, log) -> None:
 
 
 def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE,
-               prefix: dict | None = None) -> Path:
-    """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact."""
+               prefix: dict | None = None, owned: bool = False) -> Path:
+    """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact. `owned`: the
+    model is this export's alone, and the target may free its weights once they are written (OpenVINO does)."""
     module = target_module(target)
     log = Progress(target)
     log(f"exporting to {out}")
@@ -168,7 +168,8 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
         try:
             stamp = identity({**base, "target": target, "quantization": {"scheme": quant.scheme}})
             with captured():
-                entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant, identity=stamp))
+                entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant, identity=stamp,
+                                                                owned=owned))
         except EdgekvError:
             raise
         except Exception as e:

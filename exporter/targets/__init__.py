@@ -28,6 +28,7 @@ class ExportSpec:
     log: callable = print  # progress lines ("trace", "lower", ...) go here
     quant: Quantization = NONE  # weight quantization (exporter/quantize.py)
     identity: str = ""  # recorded inside the model file under "edgekv" (runtimes.manifest.identity)
+    owned: bool = False  # the model is this export's alone: its weights may be freed once written
 
 
 class Packer:

@@ -70,58 +70,45 @@ def _digest(fh, dtype: int, size: int, data: int) -> bytes:
 
 
 def merge(functions: dict[str, Path], out: Path, default: str) -> None:
-    """Write `out` with one function per (name -> single-function package), `default` the default function."""
+    """Write `out` with one function per (name -> single-function package), `default` the default function. The new
+    weight.bin holds each distinct blob once, within a function too (a tied table that two consts read)."""
     import coremltools as ct
 
     names = list(functions)
-    # The spec, its weights and the manifest (not the executorch_debug_handle_mapping.json a conversion leaves beside).
-    shutil.copytree(functions[names[0]], out, ignore=lambda folder, files: [
-        f for f in files if Path(folder) == functions[names[0]] and f not in ("Manifest.json", "Data")])
+    first = functions[names[0]]
+    # The first package's spec and manifest (not the executorch_debug_handle_mapping.json a conversion leaves beside,
+    # nor its weights: written anew below).
+    shutil.copytree(first, out, ignore=lambda folder, files: [
+        f for f in files if (Path(folder) == first and f not in ("Manifest.json", "Data")) or f == "weight.bin"])
     target_spec = spec_path(out)
-    weights = target_spec.parent / "weights" / "weight.bin"
-    spec = ct.proto.Model_pb2.Model()
-    spec.ParseFromString(target_spec.read_bytes())
     merged = ct.proto.Model_pb2.Model()
-    merged.CopyFrom(spec)
+    merged.ParseFromString(target_spec.read_bytes())
     merged.mlProgram.ClearField("functions")
     merged.description.Clear()
-    merged.specificationVersion = max(spec.specificationVersion, IOS18_SPEC)
-    with open(weights, "r+b") as dst:
-        index = {}  # digest -> metadata offset in the merged file
-        dst.seek(0)
-        count, version = struct.unpack("<II", dst.read(8))
-        offset = ALIGN
-        for _ in range(count):
-            dtype, size, data = _record(dst, offset)
-            index.setdefault(_digest(dst, dtype, size, data), offset)
-            offset = -(-(data + size) // ALIGN) * ALIGN
-        end = offset
+    merged.specificationVersion = max(merged.specificationVersion, IOS18_SPEC)
+    (target_spec.parent / "weights").mkdir(exist_ok=True)
+    with open(target_spec.parent / "weights" / "weight.bin", "wb") as dst:
+        dst.write(struct.pack("<II", 0, 2).ljust(ALIGN, b"\0"))
+        index, end = {}, ALIGN  # digest -> metadata offset in the new file
         for name in names:
             source = ct.proto.Model_pb2.Model()
             source.ParseFromString(spec_path(functions[name]).read_bytes())
             merged.specificationVersion = max(merged.specificationVersion, source.specificationVersion)
             function = merged.mlProgram.functions[name]
             function.CopyFrom(source.mlProgram.functions["main"])
-            src_weights = spec_path(functions[name]).parent / "weights" / "weight.bin"
-            with open(src_weights, "rb") as src:
-                moved = {}
+            with open(spec_path(functions[name]).parent / "weights" / "weight.bin", "rb") as src:
+                moved = {}  # offset in src -> offset in dst
                 for blob in _blob_values(function):
                     if blob.offset not in moved:
                         dtype, size, data = _record(src, blob.offset)
                         digest = _digest(src, dtype, size, data)
-                        if digest not in index:  # a blob this file lacks: appended, record then data
+                        if digest not in index:  # a new blob: its record, then its data, 64-byte aligned
                             data_at = end + ALIGN
-                            dst.seek(end)
                             dst.write(struct.pack("<IIQQ", SENTINEL, dtype, size, data_at).ljust(ALIGN, b"\0"))
-                            src.seek(data)
-                            left = size
-                            while left:
-                                block = src.read(min(CHUNK, left))
-                                dst.write(block)
-                                left -= len(block)
+                            _copy(src, data, size, dst)
                             pad = -(data_at + size) % ALIGN
                             dst.write(b"\0" * pad)
-                            index[digest], end, count = end, data_at + size + pad, count + 1
+                            index[digest], end = end, data_at + size + pad
                         moved[blob.offset] = index[digest]
                     blob.offset = moved[blob.offset]
             d = source.description
@@ -129,7 +116,14 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
                                              predictedFeatureName=d.predictedFeatureName,
                                              predictedProbabilitiesName=d.predictedProbabilitiesName)
         dst.seek(0)
-        dst.write(struct.pack("<II", count, version))
-        dst.truncate(end)
+        dst.write(struct.pack("<I", len(index)))
     merged.description.defaultFunctionName = default
     target_spec.write_bytes(merged.SerializeToString())
+
+
+def _copy(src, offset: int, size: int, dst) -> None:
+    src.seek(offset)
+    while size:
+        block = src.read(min(CHUNK, size))
+        dst.write(block)
+        size -= len(block)
