@@ -124,8 +124,8 @@ def test_coreml_package_carries_quantized_weights(tiny, scheme):
 
         for o in dequant.values():
             data, scale = tensor_type(o, "data"), tensor_type(o, "scale")
-            # int8 symmetric; int4 affine: uint4 codes and a float16 zero point per block
-            assert MIL_pb2.DataType.Name(data.dataType) == {"int8": "INT8", "int4": "UINT4"}[scheme], name
+            # int8 symmetric; int4 affine: int4 codes (affine_int4's less 8) and a float16 zero point per block
+            assert MIL_pb2.DataType.Name(data.dataType) == {"int8": "INT8", "int4": "INT4"}[scheme], name
             rows, cols = (d.constant.size for d in data.dimensions)
             assert [d.constant.size for d in scale.dimensions] == [rows, cols // 32]
             if scheme == "int4":
@@ -136,34 +136,35 @@ def test_coreml_package_carries_quantized_weights(tiny, scheme):
 
 def test_int4_offsets_stay_float_and_every_other_product_is_4_bit(tiny):
     """Affine int4 on ONNX and OpenVINO: the 2 x 7 linear layers and the tied output projection are 4-bit
-    products, each with its offset product (found by module scope, exporter.targets.onnx.offset_products)
-    left in float32: a quantized offset would not give the affine weights back."""
+    products (MatMulNBits, bits 4, written as the weights were read: exporter/targets/nbits.py), each beside a float
+    product of the input's group sums with its offsets [N, K / 32] (fp16 behind a Cast, or fp32 where the exporter
+    folded that small Cast): a quantized offset would not give the affine weights back."""
     import onnx
     import openvino as ov
 
-    from exporter.targets.onnx import offset_products
-
     out, _ = tiny
     graph = onnx.load(str(out / "onnx-int4" / "model.onnx")).graph
-    offsets = set(offset_products(graph))
-    assert len(offsets) == 15 and sum(n.op_type == "MatMulNBits" for n in graph.node) == 15
-    floats = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 15 and all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in nbits)
+    tables = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    for node in graph.node:
-        if node.name in offsets:
-            assert node.op_type == "MatMul"
-            weight = producer[node.input[1]]  # a float16 table behind the Cast onnxruntime folds at load,
-            if weight.op_type == "Transpose":  # read transposed where it is the tied lookup's table too
-                weight = producer[weight.input[0]]
-            assert weight.op_type == "Cast" and weight.input[0] in floats
+
+    def float_table(name):  # the float initializer a MatMul's weight is, through Cast / Transpose
+        while name not in tables and name in producer and producer[name].op_type in ("Cast", "Transpose"):
+            name = producer[name].input[0]
+        t = tables.get(name)
+        return t if t is not None and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) else None
+
+    offsets = [float_table(n.input[1]) for n in graph.node if n.op_type == "MatMul" and float_table(n.input[1])]
+    # one column per 32 inputs: hidden 64 -> 2, MLP width 128 -> 4 (down_proj)
+    assert len(offsets) == 15 and sorted({min(t.dims) for t in offsets}) == [2, 4]
     ir = ov.Core().read_model(str(out / "openvino-int4" / "model.xml"))
-    weights = {op.get_friendly_name(): op.input_value(1).get_node() for op in ir.get_ordered_ops()
-               if op.get_type_name() == "MatMul" and op.input_value(1).get_node().get_type_name() != "Parameter"}
-    kept = {name for name, w in weights.items() if w.get_type_name() == "Constant"}
-    assert kept == offsets and all(weights[n].get_element_type() == ov.Type.f32 for n in kept)
+    weights = [op.input_value(1).get_node() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    kept = [w for w in weights if w.get_type_name() == "Constant"]
+    assert len(kept) == 15 and all(w.get_element_type() == ov.Type.f32 for w in kept)  # the offset products
     consts = [op for op in ir.get_ordered_ops() if op.get_type_name() == "Constant"]
-    # int4 tables: the 15 products' weights and the embedding lookup's
-    assert sum(op.get_element_type() == ov.Type.i4 for op in consts) == 16
+    # int4 tables (and their zero points): the 15 products' weights and the embedding lookup's, compressed
+    assert sum(op.get_element_type() == ov.Type.u4 for op in consts) >= 16
 
 
 def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):

@@ -52,9 +52,9 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
             custom_translation_table=translations(),
         )
     program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
-    # Weights past 0.5 GB go to a side file, written a tensor at a time (inside the protobuf, saving held two more
+    # Weights past 64 MB go to a side file, written a tensor at a time (inside the protobuf, saving held two more
     # copies of them; and protobuf stops at 2 GB).
-    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 0.5e9
+    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 64e6
     program.save(str(path), external_data=big)
 
 
