@@ -104,8 +104,9 @@ def test_streamed_model_holds_no_float_weights(tmp_path):
 
 
 # Peak RSS of 16 layers over 4 layers' exports. ONNX meets the goal of 1.3x (before its weights went to a side file
-# past 64 MB it took 1.83x: the protobuf's copies). Core ML does not yet: coremltools holds the int4 codes one per byte, in torch and again in its MIL program (1.51x,
-# 1.23 / 0.82 GB); the bound keeps it from growing while that is open (docs/benchmarks.md).
+# past 64 MB it took 1.83x: the protobuf's copies). Core ML does not yet: coremltools holds the int4 codes one per
+# byte, in torch and again in its MIL program (1.51x, 1.23 / 0.82 GB); the bound keeps it from growing while that is
+# open (docs/benchmarks.md).
 GROWTH = {"onnx": 1.3, "coreml": 1.6}
 
 
