@@ -300,6 +300,9 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
             if tuple(part.shape) != tuple(params[key].shape):
                 want = tuple(params[key].shape)
                 raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, the config implies {want}")
+            if key in owner and owner[key] not in packed:  # a tied table read twice (embedding and lm_head): packed
+                missing.discard(key)
+                continue
             module_name, _, attr = key.rpartition(".")
             module = model.get_submodule(module_name)
             with torch.no_grad():
