@@ -66,9 +66,12 @@ def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, "rb") as fh:
         try:
             (length,) = struct.unpack("<Q", fh.read(8))
+            if length > os.fstat(fh.fileno()).st_size - 8:  # e.g. a Git LFS pointer left by a clone without git-lfs
+                raise ValueError
             header = json.loads(fh.read(length))
         except (struct.error, ValueError, UnicodeDecodeError):
-            raise LoadError(f"{path}: not a readable .safetensors file") from None
+            raise LoadError(f"{path}: not a readable .safetensors file (a Git LFS pointer? run `git lfs pull`)"
+                            ) from None
         start = 8 + length
         for name, entry in header.items():
             if name == "__metadata__":

@@ -49,23 +49,32 @@ def _blob_values(message) -> list:
     return found
 
 
-def _record(fh, offset: int) -> tuple[int, int, int]:
-    """(dtype, size, data offset) of the blob whose metadata is at `offset`."""
+def _record(fh, offset: int) -> tuple[bytes, int, int]:
+    """(the 64-byte metadata record, data size, data offset) of the blob whose record is at `offset`. Its other
+    fields (dtype; the padding bits of sub-byte types) are carried over as they are."""
     fh.seek(offset)
-    sentinel, dtype, size, data = struct.unpack("<IIQQ", fh.read(24))
+    record = fh.read(ALIGN)
+    sentinel, _, size, data = struct.unpack("<IIQQ", record[:24])
     if sentinel != SENTINEL:
         raise ValueError(f"{fh.name}: no blob at offset {offset}")
-    return dtype, size, data
+    return record, size, data
 
 
-def _digest(fh, dtype: int, size: int, data: int) -> bytes:
-    h = hashlib.sha256(struct.pack("<IQ", dtype, size))
-    fh.seek(data)
-    left = size
-    while left:
-        block = fh.read(min(CHUNK, left))
+def _blocks(fh, offset: int, size: int):
+    """The bytes of [offset, offset + size) in blocks of at most CHUNK."""
+    fh.seek(offset)
+    while size:
+        block = fh.read(min(CHUNK, size))
+        if not block:
+            raise ValueError(f"{fh.name}: a blob is cut short; the package is damaged")
+        yield block
+        size -= len(block)
+
+
+def _digest(fh, record: bytes, size: int, data: int) -> bytes:
+    h = hashlib.sha256(record[4:8] + record[24:])  # dtype and the fields after the offset, then the data
+    for block in _blocks(fh, data, size):
         h.update(block)
-        left -= len(block)
     return h.digest()
 
 
@@ -100,12 +109,13 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
                 moved = {}  # offset in src -> offset in dst
                 for blob in _blob_values(function):
                     if blob.offset not in moved:
-                        dtype, size, data = _record(src, blob.offset)
-                        digest = _digest(src, dtype, size, data)
+                        record, size, data = _record(src, blob.offset)
+                        digest = _digest(src, record, size, data)
                         if digest not in index:  # a new blob: its record, then its data, 64-byte aligned
                             data_at = end + ALIGN
-                            dst.write(struct.pack("<IIQQ", SENTINEL, dtype, size, data_at).ljust(ALIGN, b"\0"))
-                            _copy(src, data, size, dst)
+                            dst.write(record[:16] + struct.pack("<Q", data_at) + record[24:])
+                            for block in _blocks(src, data, size):
+                                dst.write(block)
                             pad = -(data_at + size) % ALIGN
                             dst.write(b"\0" * pad)
                             index[digest], end = end, data_at + size + pad
@@ -119,11 +129,3 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
         dst.write(struct.pack("<I", len(index)))
     merged.description.defaultFunctionName = default
     target_spec.write_bytes(merged.SerializeToString())
-
-
-def _copy(src, offset: int, size: int, dst) -> None:
-    src.seek(offset)
-    while size:
-        block = src.read(min(CHUNK, size))
-        dst.write(block)
-        size -= len(block)

@@ -158,6 +158,7 @@ def quantize_onnx(path: Path, quant: Quantization) -> None:
     stored_as_fp16(graph, offset_tables(graph, offsets))
     result = ONNXModel(quantizer.model.model)
     result.remove_unused_constant()  # the fp32 weights
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # the float graph's side file, read in at load
     result.save_model_to_file(str(path), use_external_data_format=result.model.ByteSize() > 1.8e9)
 
 
