@@ -74,7 +74,7 @@ def function_weights(package) -> dict[str, set[int]]:
     out = {}
     with open(spec_path(package).parent / "weights" / "weight.bin", "rb") as fh:
         for name, function in spec.mlProgram.functions.items():
-            out[name] = {b.offset for b in _blob_values(function) if _record(fh, b.offset)[1] >= 1024}
+            out[name] = {b.offset for _, b in _blob_values(function) if _record(fh, b.offset)[1] >= 1024}
     return out
 
 

@@ -29,7 +29,9 @@ def spec_path(package: Path) -> Path:
 
 
 def _blob_values(message) -> list:
-    """Every BlobFileValue inside a protobuf message (a function's consts, in nested blocks too)."""
+    """(declared type, BlobFileValue) of every blob-stored value inside a protobuf message (a function's consts, in
+    nested blocks too). A blob is shared only between values of one type, as coremltools' own deduplication does (and
+    as a reader caching blobs by offset expects)."""
     found = []
     for field, value in message.ListFields():
         if field.type != field.TYPE_MESSAGE:
@@ -42,8 +44,8 @@ def _blob_values(message) -> list:
             repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
             items = list(value) if repeated else [value]
         for item in items:
-            if item.DESCRIPTOR.name == "BlobFileValue":
-                found.append(item)
+            if item.DESCRIPTOR.name == "Value" and item.WhichOneof("value") == "blobFileValue":
+                found.append((item.type.SerializeToString(), item.blobFileValue))
             else:
                 found.extend(_blob_values(item))
     return found
@@ -106,11 +108,11 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
             function = merged.mlProgram.functions[name]
             function.CopyFrom(source.mlProgram.functions["main"])
             with open(spec_path(functions[name]).parent / "weights" / "weight.bin", "rb") as src:
-                moved = {}  # offset in src -> offset in dst
-                for blob in _blob_values(function):
-                    if blob.offset not in moved:
+                moved = {}  # (type, offset in src) -> offset in dst
+                for kind, blob in _blob_values(function):
+                    if (kind, blob.offset) not in moved:
                         record, size, data = _record(src, blob.offset)
-                        digest = _digest(src, record, size, data)
+                        digest = _digest(src, record, size, data) + kind
                         if digest not in index:  # a new blob: its record, then its data, 64-byte aligned
                             data_at = end + ALIGN
                             dst.write(record[:16] + struct.pack("<Q", data_at) + record[24:])
@@ -119,8 +121,8 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
                             pad = -(data_at + size) % ALIGN
                             dst.write(b"\0" * pad)
                             index[digest], end = end, data_at + size + pad
-                        moved[blob.offset] = index[digest]
-                    blob.offset = moved[blob.offset]
+                        moved[kind, blob.offset] = index[digest]
+                    blob.offset = moved[kind, blob.offset]
             d = source.description
             merged.description.functions.add(name=name, input=d.input, output=d.output, state=d.state,
                                              predictedFeatureName=d.predictedFeatureName,
