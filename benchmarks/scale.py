@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,7 +145,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekv-scale"))
     ap.add_argument("--window", type=int, default=124)
     ap.add_argument("--positions", default="1024,4096", help="stream positions to time decode at")
-    ap.add_argument("--decode-only", action="store_true", help="reuse existing artifacts, time decode")
+    ap.add_argument("--decode-only", action="store_true", help="reuse artifacts kept by --keep, time decode")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each artifact (by default it is deleted once measured: a 7B sweep writes tens of GB)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     ckpt = write_checkpoint(args.work / f"ckpt-{args.shape}", SHAPES[args.shape])
@@ -165,6 +168,8 @@ def main() -> None:
                 row["size_gb"] = round(folder_bytes(folder) / 1e9, 2)
                 if target != "coreml" and positions:
                     row["decode"] = decode_ms(folder, positions)
+                if not args.keep:
+                    shutil.rmtree(folder)
             print(json.dumps(row), flush=True)
             rows.append(row)
     # The bandwidth floor of a decode step: every weight byte read once (the 128-slot cache is a few MB).

@@ -153,6 +153,13 @@ def write_prefix(folder: Path, prefix: dict, log) -> None:
     log(f"pinned the system prompt: {len(prefix['ids'])} tokens in the sink, its cache in {PREFIX}")
 
 
+def disk_hint(folder: Path, low: float = 2e9) -> str:
+    """A converter that runs out of disk says so in its own words (OpenVINO: "basic_ios::clear: iostream error");
+    name the likely cause when the output's disk is nearly full."""
+    free = shutil.disk_usage(folder).free
+    return f" (only {free / 1e6:.0f} MB free on the output's disk: free some space and retry)" if free < low else ""
+
+
 def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE,
                prefix: dict | None = None, owned: bool = False) -> Path:
     """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact. `owned`: the
@@ -173,7 +180,8 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
         except EdgekvError:
             raise
         except Exception as e:
-            raise EdgekvError(f"{target} export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+            raise EdgekvError(f"{target} export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                              f"{disk_hint(tmp)}") from e
         files = dict(entries.pop("files"))
         for name in TOKENIZER_FILES:
             if (ckpt.tokenizer_dir / name).is_file():

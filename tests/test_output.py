@@ -2,6 +2,7 @@
 the work fails), long loops report progress also when stderr is not a terminal."""
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -55,3 +56,12 @@ def test_bars_print_lines_with_the_time_left_when_stderr_is_a_file(tmp_path):
     assert first.startswith("edgekv: validate: 3/10 tok (") and first.endswith(" s left)"), lines
     left = float(first.split("about ")[1].split(" s left")[0])
     assert 0 < left <= 1, lines  # 7 steps of 0.1 s to go
+
+
+def test_a_failed_export_names_a_nearly_full_disk(tmp_path):
+    from exporter.export import disk_hint
+
+    free_mb = shutil.disk_usage(tmp_path).free / 1e6
+    hint = disk_hint(tmp_path, low=float("inf"))
+    assert hint.startswith(" (only ") and abs(int(hint.split()[1]) - free_mb) < 100
+    assert disk_hint(tmp_path, low=0) == ""
