@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from exporter.config import cache_sizes
@@ -48,7 +50,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "and shipped as the artifact's initial session, prefix.safetensors")
 
 
+def return_freed_memory() -> None:
+    """glibc raises its mmap threshold after each big free (up to 32 MB); from then on a layer's float temporaries
+    come from the heap, between the quantized tensors that outlive them, and are never given back (one thread's
+    int4 ONNX export of 16 layers took 1.7x the memory of 4 layers'). A fixed threshold keeps big buffers mapped,
+    returned as they are freed."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MB
+        except OSError:  # not glibc
+            pass
+
+
 def main(args: argparse.Namespace) -> int:
+    return_freed_memory()
     targets = list(TARGETS) if args.target == "all" else [args.target]
     quant = Quantization(args.quantize, args.group_size)
     folders = {t: args.out / (t if quant.scheme == "none" else f"{t}-{quant.scheme}") for t in targets}

@@ -69,6 +69,28 @@ def pack_tied(embedding, head, quant: Quantization) -> tuple[torch.nn.Module, to
     return BlockwiseEmbedding(table), table
 
 
+def _convert_codes_as_views() -> None:
+    """Replace coremltools' converter of torchao's dequantize_affine by one that hands constexpr_blockwise_shift_scale
+    a view of torch's codes (the same bytes, typed as coremltools' sub-byte dtype), where its own copies them twice
+    with `astype`: one copy of the codes in memory, not two (16 layers' export peak over 4 layers': 1.51x with it)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+    from coremltools.converters.mil.mil import types
+
+    @register_torch_op(torch_alias=["torchao::dequantize_affine", "torchao.dequantize_affine"], override=True)
+    def dequantize_affine(context, node):
+        codes, block, scale, zero, _, low, high = (i if i is None else i.val
+                                                   for i in _get_inputs(context, node, expected=7))
+        assert codes.dtype == "int8" and codes.ndim == 2 and block[0] == 1, "edgekv's BlockwiseLinear form"
+        bits = {(-8, 7): "int4", (-128, 127): "int8"}[(low, high)]
+        groups = (codes.shape[0], codes.shape[1] // block[1])
+        offset = {} if zero is None else {"offset": zero.reshape(groups)}
+        context.add(mb.constexpr_blockwise_shift_scale(
+            data=codes.view(types.nptype_from_builtin(types.string_to_builtin(bits))), scale=scale.reshape(groups),
+            name=node.name, **offset))
+
+
 def _fp16_warnings(model: StreamingLM, log) -> None:
     """fp16 cannot hold weights past 65504, and ~3 significant digits cost logits accuracy."""
     worst = max((p.detach().abs().max().item(), n) for n, p in model.named_parameters())
@@ -147,6 +169,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     import numpy as np
 
     _fp16_warnings(model, spec.log)
+    if model.packed:
+        _convert_codes_as_views()
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
     # copy, so the caller's model keeps its in-place write.
     model = copy.copy(model)
