@@ -37,13 +37,15 @@ class Checkpoint:
     tokenizer_dir: Path  # tokenizer.json (+ tokenizer_config.json with the chat template)
     kind: str  # "hf" or "gguf"
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor in the checkpoint's dtype), one at a time."""
+    def tensors(self, only: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor in the checkpoint's dtype), one at a time; with `only`, just the tensors
+        whose name (less "model.") starts with one of those prefixes, the others not read."""
+        want = (lambda name: True) if only is None else (lambda name: name.removeprefix("model.").startswith(only))
         if self.kind == "gguf":
-            yield from _gguf_tensors(self.files[0], self.config)
+            yield from _gguf_tensors(self.files[0], self.config, want)
             return
         for f in self.files:
-            yield from _safetensors(f)
+            yield from _safetensors(f, want)
 
     def weights_hash(self) -> str:
         h = hashlib.sha256()
@@ -59,7 +61,7 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
                        "BOOL": torch.bool}
 
 
-def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors(path: Path, want=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a .safetensors file, each read into memory of its own (the format: an 8-byte header length, a
     JSON header of dtype, shape and byte offsets, the data). Read, not memory-mapped: a mapping keeps every page
     it touched resident, which counted a whole 2 GB shard in the export's memory."""
@@ -74,7 +76,7 @@ def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                             ) from None
         start = 8 + length
         for name, entry in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or not want(name):
                 continue
             if entry.get("dtype") not in _SAFETENSORS_DTYPES:
                 raise LoadError(f"{path}: {name} has dtype {entry.get('dtype')}, which edgekv does not read")
@@ -227,7 +229,7 @@ def _load_gguf(path: Path) -> Checkpoint:
     return Checkpoint(str(path), ModelConfig.from_hf(hf), [path], _gguf_tokenizer_dir(path), "gguf")
 
 
-def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(path: Path, cfg: ModelConfig, want=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader, dequantize
 
     reader = GGUFReader(path)
@@ -238,7 +240,7 @@ def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
         if m and m.group(2) in block:
             name = f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
-        if name is None:
+        if name is None or not want(name):
             continue
         shape = tuple(int(d) for d in reversed(t.shape))
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -275,26 +277,38 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
 
 
 def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
-                dtype: torch.dtype | None = None, last_logits_only: bool = False, pack=None) -> StreamingLM:
+                dtype: torch.dtype | None = None, last_logits_only: bool = False, pack=None,
+                only: tuple[str, ...] | None = None) -> StreamingLM:
     """Allocate the model (no random init) and stream the checkpoint's tensors into it, one at a time.
 
     `pack` (a target's Packer, exporter/targets/__init__.py) makes a quantized export's model: each linear layer
     and the embedding stays on the meta device until its tensors are read, then is quantized into the target's
-    form and its float weight dropped. Peak memory is then the quantized model plus one float tensor."""
+    form and its float weight dropped. Peak memory is then the quantized model plus one float tensor.
+
+    `only` (prefixes of parameter names, e.g. ("layers.3.",)) loads just those parameters; the others stay on the
+    meta device, unread (exporter.reference.streamed_logits holds one layer at a time so). The final norm is always
+    loaded: the buffers take their device from it."""
     cfg = ckpt.config
     with torch.device("meta"):
         model = StreamingLM(cfg, sink, window, max_chunk, dtype or torch.float32, last_logits_only)
     packed = {} if pack is None else {
         name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    if only is not None:
+        only = (*only, "norm.weight")
+
+    def selected(key: str) -> bool:
+        return only is None or key.startswith(only)
+
     for name, module in model.named_modules():
-        if name not in packed:
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if name not in packed and (not own or any(selected(k) for k in own)):
             module.to_empty(device="cpu", recurse=False)
     model.init_buffers()
     params = dict(model.named_parameters(remove_duplicate=False))
     owner = {f"{n}.{p}": n for n, m in packed.items() for p, _ in m.named_parameters(recurse=False)}
     stream = {id(m) for layer in model.layers for m in layer.stream_outputs()}
-    missing = {n for n in params if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
-    for name, tensor in ckpt.tensors():
+    missing = {n for n in params if selected(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
+    for name, tensor in ckpt.tensors(only):
         for key, part in unfuse(name.removeprefix("model."), tensor, cfg):
             if key not in params:
                 if key.endswith("rotary_emb.inv_freq"):

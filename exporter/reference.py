@@ -3,10 +3,11 @@
 Per layer it keeps the tokens it holds in age order (a list of absolute positions and the keys,
 before rotation, and values stacked in the same order), appends each new token, evicts the oldest
 non-sink token once more than S + W are held, rotates every key by its index (its position inside
-the cache), and attends. One token at a time, no masks, no ring arithmetic. A hybrid model's sliding layers follow
-the same rule with S = 0 and W = the model's own sliding window (docs/cache.md).
+the cache), and attends. Attention one token at a time, no masks, no ring arithmetic. A hybrid model's sliding
+layers follow the same rule with S = 0 and W = the model's own sliding window (docs/cache.md).
 It borrows only the weights of a `StreamingLM`; none of its cache or attention code. `ReferenceRunner` puts it
-behind the runner interface, so it streams and generates like an artifact.
+behind the runner interface, so it streams and generates like an artifact; `streamed_logits` runs it a layer at a
+time from the checkpoint, for models whose float weights do not fit in memory.
 """
 
 from __future__ import annotations
@@ -49,40 +50,60 @@ class Reference:
         empty = torch.zeros(cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.m.embed_tokens.weight.dtype)
         self.layers = [{"pos": [], "k": empty, "v": empty} for _ in self.m.layers]
 
-    @torch.no_grad()
     def feed(self, token: int) -> Tensor:
         """Feed one token; returns its logits [vocab] (float32)."""
-        m, cfg = self.m, self.m.cfg
-        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        x = m.embed_tokens(torch.tensor([token])) * (cfg.embed_scale * cfg.residual_scale)  # [1, hidden]
-        for layer, store, (sink, window, inv_freq, gain) in zip(m.layers, self.layers, self.geometry, strict=True):
-            attn = layer.self_attn
-            y = layer.input_layernorm(x)
-            q, k = attn.q_proj(y).view(h, d), attn.k_proj(y).view(kv, 1, d)
-            if cfg.qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            store["pos"].append(self.pos)
-            store["k"] = torch.cat([store["k"], k], dim=1)
-            store["v"] = torch.cat([store["v"], attn.v_proj(y).view(kv, 1, d)], dim=1)
+        return self.run([token])[-1]
+
+    @torch.no_grad()
+    def run(self, tokens: list[int]) -> Tensor:
+        """Feed consecutive tokens; returns the logits of each [n, vocab]."""
+        x = self.embed(tokens)
+        for i in range(len(self.layers)):
+            x = self.layer(i, x, self.pos)
+        self.pos += len(tokens)
+        return self.head(x)
+
+    def embed(self, tokens: list[int]) -> Tensor:
+        cfg = self.m.cfg
+        return self.m.embed_tokens(torch.tensor(tokens)) * (cfg.embed_scale * cfg.residual_scale)  # [n, hidden]
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.m.lm_head(self.m.norm(x))
+
+    @torch.no_grad()
+    def layer(self, i: int, x: Tensor, start: int) -> Tensor:
+        """Layer i over consecutive tokens x [n, hidden] at absolute positions start, start + 1, ...: the
+        projections and the MLP take the rows together (each row alone is the same sum), attention one token at a
+        time by the rule."""
+        cfg, layer, store = self.m.cfg, self.m.layers[i], self.layers[i]
+        sink, window, inv_freq, gain = self.geometry[i]
+        n, h, kv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        attn = layer.self_attn
+        y = layer.input_layernorm(x)
+        q, k, v = attn.q_proj(y).view(n, h, d), attn.k_proj(y).view(n, kv, d), attn.v_proj(y).view(n, kv, d)
+        if cfg.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        outs = []
+        for j in range(n):
+            store["pos"].append(start + j)
+            store["k"] = torch.cat([store["k"], k[j, :, None]], dim=1)
+            store["v"] = torch.cat([store["v"], v[j, :, None]], dim=1)
             self._evict(store, sink, window)
-            n = len(store["pos"])
-            cache_pos = torch.arange(n)  # the rule: positions inside the cache, in age order
-            keys, values = store["k"], store["v"]  # [KV, n, D]
+            cache_pos = torch.arange(len(store["pos"]))  # the rule: positions inside the cache, in age order
+            keys, values, qj = store["k"], store["v"], q[j]  # [KV, held, D], [H, D]
             if attn.rope:
                 keys = _rotate(keys, cache_pos, inv_freq, gain)
-                q = _rotate(q[:, None, :], cache_pos[-1:], inv_freq, gain)[:, 0, :]  # [H, D]
+                qj = _rotate(qj[:, None, :], cache_pos[-1:], inv_freq, gain)[:, 0, :]
             group = h // kv  # query head i reads kv head i // group
             keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
-            scores = torch.einsum("hd,hnd->hn", q, keys) * attn.scale
-            out = attn.o_proj(torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).reshape(1, h * d))
-            if layer.sandwich:
-                x = x + layer.post_attention_layernorm(out)
-                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
-            else:
-                x = x + out
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.pos += 1
-        return m.lm_head(m.norm(x))[0]
+            scores = torch.einsum("hd,hnd->hn", qj, keys) * attn.scale
+            outs.append(torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).reshape(h * d))
+        out = attn.o_proj(torch.stack(outs))
+        if layer.sandwich:
+            x = x + layer.post_attention_layernorm(out)
+            return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        x = x + out
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _evict(self, store: dict, sink: int, window: int) -> None:
         while len(store["pos"]) > sink + window:
@@ -103,7 +124,26 @@ class ReferenceRunner(Runner):
         self.ref.reset()
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        with torch.no_grad():
-            for t in tokens[0]:
-                logits = self.ref.feed(int(t))
-        return logits.numpy()
+        return self.ref.run([int(t) for t in tokens[0]])[-1].numpy()
+
+
+@torch.no_grad()
+def streamed_logits(ckpt, sink: int, window: int, ids: list[int], rows: list[int], step=None) -> np.ndarray:
+    """The reference's logits at `rows` of the stream `ids` [len(rows), vocab], float32, with one layer of the
+    checkpoint in memory at a time (fp32): the embedding, then each layer over the whole stream, then the head.
+    Layer i's outputs depend only on layer i - 1's, so this is `Reference.run(ids)` in another order; it is how
+    `edgekv validate` checks a model whose float weights do not fit in memory."""
+    from exporter.loaders import build_model
+
+    def part(*prefixes: str) -> StreamingLM:
+        return build_model(ckpt, sink, window, max_chunk=1, only=prefixes)
+
+    ref = Reference(part("embed_tokens."))
+    x = ref.embed(ids)
+    for i in range(len(ref.layers)):
+        ref.m = part(f"layers.{i}.")
+        x = ref.layer(i, x, 0)
+        if step:
+            step()  # progress
+    ref.m = part("norm.", "lm_head.", *(("embed_tokens.",) if ckpt.config.tie_word_embeddings else ()))
+    return ref.head(x[rows]).numpy()

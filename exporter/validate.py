@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -44,6 +45,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", type=Path, metavar="DIR",
                    help="for an unquantized artifact: an ONNX export of the same model and cache to run in onnxruntime "
                         "(default: export one into a temporary folder)")
+    p.add_argument("--no-cross-check", action="store_true",
+                   help="skip the cross-check (onnxruntime for an unquantized artifact, the unquantized export for a "
+                        "quantized one) unless given with --onnx / --unquantized: exporting it needs the float model "
+                        "in memory, which a 1B+ model's validation may not have (skipped by itself where it would "
+                        "not fit)")
     p.add_argument("--model", help="the checkpoint the artifact was exported from, if it is no longer where the "
                                    "manifest's source.model says")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -104,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
 
 def measure(args: argparse.Namespace) -> dict:
     from exporter.loaders import build_model, load_checkpoint
-    from exporter.reference import ReferenceRunner
+    from exporter.reference import streamed_logits
     from runtimes import open_artifact
 
     manifest = read_manifest(args.artifact)
@@ -136,35 +142,46 @@ def measure(args: argparse.Namespace) -> dict:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
     calls = schedule(n, sink + window, chunk)
     ends = np.array([s + k - 1 for s, k in calls])
-    model = build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True)
-
-    runs = {"reference": ("fp32", ReferenceRunner(model, None))}  # name -> (precision, runner)
+    # name -> precision; the reference runs last, a layer at a time, once the runners are gone.
+    runs = {"reference": "fp32"}
     unquantized = "fp16" if manifest.get("compute_precision") == "float16" else "fp32"
     own, suffix = (unquantized, "") if scheme == "none" else (scheme, f"-{scheme}")
-    not_run = []
+    not_run, runners = [], {}
     if target == "coreml":  # the NumPy MIL executor everywhere, and Core ML itself where it exists
         check_coreml_spec(args.artifact, manifest)
-        runs[f"coreml-numpy{suffix}"] = (own, mil_runner(args.artifact))
+        runners[f"coreml-numpy{suffix}"] = (own, lambda: mil_runner(args.artifact))
         if platform.system() == "Darwin":
-            runs[f"coreml{suffix}"] = (own, open_artifact(args.artifact))
+            runners[f"coreml{suffix}"] = (own, lambda: open_artifact(args.artifact))
         else:
             not_run.append("coreml: Core ML prediction needs macOS; the NumPy MIL executor ran the package instead")
     else:
-        runs["onnxruntime" if target == "onnx" and scheme == "none" else f"{target}{suffix}"] = (
-            own, open_artifact(args.artifact))
+        runners["onnxruntime" if target == "onnx" and scheme == "none" else f"{target}{suffix}"] = (
+            own, lambda: open_artifact(args.artifact))
+    cross = None if "onnxruntime" in runners else (
+        "onnxruntime" if scheme == "none" else "coreml-numpy" if target == "coreml" else target)
+    if cross and not given:
+        fp32_bytes = float_bytes(ckpt.config)
+        if args.no_cross_check or 2 * fp32_bytes > physical_memory():
+            why = "--no-cross-check" if args.no_cross_check else (
+                f"its export needs the float model in memory ({fp32_bytes / 1e9:.1f} GB fp32)")
+            not_run.append(f"{cross}: the {check} export to compare with was not made ({why}); pass {flag} DIR")
+            cross = None
+    logits = {}
     with tempfile.TemporaryDirectory() as tmp:
         from exporter.export import export_one, manifest_base
 
-        if "onnxruntime" not in runs:
-            folder = given or export_one(model, ckpt, check, Path(tmp) / check,
-                                         manifest_base(ckpt, sink, window, chunk), chunk)
-            if scheme == "none":
-                runs["onnxruntime"] = ("fp32", open_artifact(folder))
-            elif target == "coreml":
-                runs["coreml-numpy"] = ("fp16", mil_runner(folder))
-            else:
-                runs[target] = ("fp32", open_artifact(folder))
-        logits = {name: run_stream(runner, ids, calls, name) for name, (_, runner) in runs.items()}
+        if cross:
+            folder = given or export_one(build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True),
+                                         ckpt, check, Path(tmp) / check, manifest_base(ckpt, sink, window, chunk),
+                                         chunk)
+            runners[cross] = ("fp16" if cross == "coreml-numpy" else "fp32",
+                              lambda: mil_runner(folder) if cross == "coreml-numpy" else open_artifact(folder))
+        for name, (precision, make) in runners.items():  # one runner in memory at a time
+            runs[name] = precision
+            logits[name] = run_stream(make(), ids, calls, name)
+    with Bar(ckpt.config.num_layers, "reference, a layer at a time", "layer") as bar:
+        logits = {"reference": streamed_logits(ckpt, sink, window, ids[:n], list(ends), lambda: bar.update(1)),
+                  **logits}
 
     scale = float(max(logits["reference"].max(), -logits["reference"].min()))
     targets_next = np.array([ids[e + 1] if e + 1 < len(ids) else ids[e] for e in ends])[:-1]
@@ -174,10 +191,10 @@ def measure(args: argparse.Namespace) -> dict:
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             p = {"a": a, "b": b, **compare(logits[a], logits[b], scale)}
-            precision = max(runs[a][0], runs[b][0], key=PRECISION_RANK.index)
+            precision = max(runs[a], runs[b], key=PRECISION_RANK.index)
             p["tolerance"] = tolerance(precision, scale)
             if precision in QUANT_BOUNDS:  # one side is quantized: perplexity against the other side
-                quantized, other = (a, b) if runs[a][0] == precision else (b, a)
+                quantized, other = (a, b) if runs[a] == precision else (b, a)
                 p["ppl_ratio"] = ppl[quantized] / ppl[other]
                 p["ok"] = p["ppl_ratio"] <= p["tolerance"]["ppl_ratio"] and (
                     p["top1_agreement"] >= p["tolerance"]["top1_agreement"])
@@ -223,6 +240,25 @@ def matching_export(folder: Path, manifest: dict, target: str, flag: str) -> Pat
     if twin.get("quantization", {}).get("scheme", "none") != "none":
         raise EdgekvError(f"{folder} is quantized; {flag} takes an export made without --quantize")
     return folder
+
+
+def float_bytes(cfg) -> int:
+    """Bytes of the model's weights in fp32 (shapes only: built on the meta device)."""
+    import torch
+
+    from exporter.model import StreamingLM
+
+    with torch.device("meta"):
+        model = StreamingLM(cfg, 1, 1, 1)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (POSIX; a large number where unknown, so that nothing is skipped on a guess)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def mil_runner(folder: Path):

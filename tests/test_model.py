@@ -7,7 +7,7 @@ import torch
 
 from exporter.config import ConfigError, cache_sizes
 from exporter.loaders import build_model, load_checkpoint
-from exporter.reference import Reference
+from exporter.reference import Reference, streamed_logits
 from tests.conftest import TINY, make_tiny
 
 
@@ -107,6 +107,20 @@ def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_pat
     # one at a time; chunks that straddle wraps; a chunk longer than W; the largest chunk
     for chunk in (1, 3, min(window + 2, 16), 16):
         assert rel_err(feed(model, tokens, chunk), want) < 1e-5, chunk
+
+
+@pytest.mark.parametrize("kind", ["llama3.2", "phi3-partial", "gemma3"])
+def test_reference_a_layer_at_a_time_equals_the_reference(kind, tmp_path):
+    """`validate`'s reference for big models (exporter.reference.streamed_logits: one layer of the checkpoint in
+    memory, over the whole stream) gives the logits of feeding the whole model one token at a time: a tied table,
+    Phi-3's fused projections, Gemma's hybrid layers, each over several wraps."""
+    ckpt = load_checkpoint(make_tiny(kind, tmp_path))
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = Reference(build_model(ckpt, 2, 6))
+    want = torch.stack([ref.feed(t) for t in ids])
+    rows = [0, 7, 8, 20, 39]
+    got = torch.from_numpy(streamed_logits(ckpt, 2, 6, ids, rows))
+    assert got.shape == (5, 128) and rel_err(got, want[rows]) < 1e-5
 
 
 def test_smollm2_matches_reference_past_the_ring(smollm2, smollm2_text_ids):

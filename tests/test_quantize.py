@@ -102,6 +102,20 @@ def test_tiny_quantized_export_validates(tiny, target, scheme):
     assert {"int8": 1e-3, "int4": 1e-2}[scheme] < pair["rel_diff"] < {"int8": 2e-2, "int4": 2e-1}[scheme]
 
 
+def test_validate_without_the_cross_check(tiny):
+    """--no-cross-check (what a 1B+ model needs: the unquantized export holds the float model) leaves out the
+    unquantized twin and says so; the reference (a layer at a time) gives the same pair as with the twin."""
+    out, text = tiny
+    runs = [edgekv("validate", str(out / "onnx-int4"), "--text", str(text), "--json", *flag)
+            for flag in ((), ("--no-cross-check",))]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    full, alone = (json.loads(r.stdout) for r in runs)
+    assert [(p["a"], p["b"]) for p in alone["pairs"]] == [("reference", "onnx-int4")]
+    assert alone["pairs"][0] == quantized_pair(full, "int4") and len(full["pairs"]) == 3
+    assert alone["not_run"] == ["onnx: the onnx export to compare with was not made (--no-cross-check); "
+                                "pass --unquantized DIR"]
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_coreml_package_carries_quantized_weights(tiny, scheme):
     import coremltools as ct
