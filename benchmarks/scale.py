@@ -7,7 +7,8 @@ of Llama-3.2-1B and Mistral-7B.
 Writes the checkpoint itself (sharded bf16 safetensors, fixed seed, a word-level tokenizer) unless it exists, then
 exports each target x scheme in its own process (`edgekv export`, window 124 unless --window), measuring wall time
 and peak RSS of that process, the artifact's size, and decode ms/token at each position (a runnable target's
-runner, the stream fed up to the position in prefill chunks; its RSS after each). Prints a markdown table.
+runner, the stream fed up to the position in prefill chunks; its RSS after each); with --validate, `edgekv
+validate`'s wall and peak RSS too. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def peak_rss_run(cmd: list[str], log: Path | None = None) -> tuple[int, float, f
     return int(out[0]), float(out[1]), int(out[2]) / 1e6
 
 
+def validate(folder: Path, log: Path) -> dict:
+    """`edgekv validate --no-cross-check` in its own process: wall, peak RSS, and the artifact-vs-reference pair."""
+    cmd = [sys.executable, "-m", "exporter.cli", "validate", str(folder), "--no-cross-check", "--json"]
+    code, wall, rss = peak_rss_run(cmd, log)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+    result = {"exit": code, "wall_s": round(wall, 1), "peak_rss_gb": round(rss, 2)}
+    if lines:
+        (pair,) = json.loads(lines[-1])["pairs"]
+        result.update({k: round(pair[k], 4) for k in ("ppl_ratio", "top1_agreement", "rel_diff")})
+    return result
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -148,6 +161,9 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="reuse artifacts kept by --keep, time decode")
     ap.add_argument("--keep", action="store_true",
                     help="keep each artifact (by default it is deleted once measured: a 7B sweep writes tens of GB)")
+    ap.add_argument("--validate", action="store_true",
+                    help="also run `edgekv validate --no-cross-check` on each quantized artifact: wall, peak RSS, and "
+                         "its reference pair (the reference streams the checkpoint a layer at a time)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     ckpt = write_checkpoint(args.work / f"ckpt-{args.shape}", SHAPES[args.shape])
@@ -168,6 +184,8 @@ def main() -> None:
                 row["size_gb"] = round(folder_bytes(folder) / 1e9, 2)
                 if target != "coreml" and positions:
                     row["decode"] = decode_ms(folder, positions)
+                if args.validate and scheme != "none":
+                    row["validate"] = validate(folder, args.work / f"validate-{args.shape}-{target}-{scheme}.log")
                 if not args.keep:
                     shutil.rmtree(folder)
             print(json.dumps(row), flush=True)

@@ -109,11 +109,11 @@ def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_pat
         assert rel_err(feed(model, tokens, chunk), want) < 1e-5, chunk
 
 
-@pytest.mark.parametrize("kind", ["llama3.2", "phi3-partial", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama3.2", "mistral", "phi3-partial", "gemma3"])
 def test_reference_a_layer_at_a_time_equals_the_reference(kind, tmp_path):
     """`validate`'s reference for big models (exporter.reference.streamed_logits: one layer of the checkpoint in
-    memory, over the whole stream) gives the logits of feeding the whole model one token at a time: a tied table,
-    Phi-3's fused projections, Gemma's hybrid layers, each over several wraps."""
+    memory, over the whole stream) gives the logits of feeding the whole model one token at a time: tied and untied
+    tables, Phi-3's fused projections, Gemma's hybrid layers, each over several wraps."""
     ckpt = load_checkpoint(make_tiny(kind, tmp_path))
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = Reference(build_model(ckpt, 2, 6))
