@@ -138,12 +138,13 @@ def streamed_logits(ckpt, sink: int, window: int, ids: list[int], rows: list[int
     def part(*prefixes: str) -> StreamingLM:
         return build_model(ckpt, sink, window, max_chunk=1, only=prefixes)
 
-    ref = Reference(part("embed_tokens."))
-    x = ref.embed(ids)
-    for i in range(len(ref.layers)):
-        ref.m = part(f"layers.{i}.")
-        x = ref.layer(i, x, 0)
-        if step:
-            step()  # progress
-    ref.m = part("norm.", "lm_head.", *(("embed_tokens.",) if ckpt.config.tie_word_embeddings else ()))
-    return ref.head(x[rows]).numpy()
+    with ckpt.opened():
+        ref = Reference(part("embed_tokens."))
+        x = ref.embed(ids)
+        for i in range(len(ref.layers)):
+            ref.m = part(f"layers.{i}.")
+            x = ref.layer(i, x, 0)
+            if step:
+                step()  # progress
+        ref.m = part("norm.", "lm_head.", *(("embed_tokens.",) if ckpt.config.tie_word_embeddings else ()))
+        return ref.head(x[rows]).numpy()
