@@ -142,11 +142,9 @@ def measure(args: argparse.Namespace) -> dict:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
     calls = schedule(n, sink + window, chunk)
     ends = np.array([s + k - 1 for s, k in calls])
-    # name -> precision; the reference runs last, a layer at a time, once the runners are gone.
-    runs = {"reference": "fp32"}
     unquantized = "fp16" if manifest.get("compute_precision") == "float16" else "fp32"
     own, suffix = (unquantized, "") if scheme == "none" else (scheme, f"-{scheme}")
-    not_run, runners = [], {}
+    not_run, runners = [], {}  # name -> (precision, a function making the runner)
     if target == "coreml":  # the NumPy MIL executor everywhere, and Core ML itself where it exists
         check_coreml_spec(args.artifact, manifest)
         runners[f"coreml-numpy{suffix}"] = (own, lambda: mil_runner(args.artifact))
@@ -176,9 +174,10 @@ def measure(args: argparse.Namespace) -> dict:
                                          chunk)
             runners[cross] = ("fp16" if cross == "coreml-numpy" else "fp32",
                               lambda: mil_runner(folder) if cross == "coreml-numpy" else open_artifact(folder))
-        for name, (precision, make) in runners.items():  # one runner in memory at a time
-            runs[name] = precision
+        for name, (_, make) in runners.items():  # one runner in memory at a time
             logits[name] = run_stream(make(), ids, calls, name)
+    # The reference last, a layer at a time, once the runners are gone.
+    runs = {"reference": "fp32", **{name: precision for name, (precision, _) in runners.items()}}
     with Bar(ckpt.config.num_layers, "reference, a layer at a time", "layer") as bar:
         logits = {"reference": streamed_logits(ckpt, sink, window, ids[:n], list(ends), lambda: bar.update(1)),
                   **logits}
