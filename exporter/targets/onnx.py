@@ -7,6 +7,7 @@ and the cache is never copied."""
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def cache_names(model: StreamingLM) -> list[str]:
 
 def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> None:
     require("onnxscript", "onnxscript")
+    before = _graph_tensors()
     t = torch.export.Dim("T", min=1, max=chunk)
     caches = [c.clone() for c in model.caches()]
     args = (torch.zeros(1, chunk, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches)
@@ -56,6 +58,27 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
     # copies of them; and protobuf stops at 2 GB).
     big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 64e6
     program.save(str(path), external_data=big)
+    del program
+    _drop_graph_data(before)
+
+
+def _graph_tensors() -> set[int]:
+    import onnx_ir
+
+    return {id(o) for o in gc.get_objects() if isinstance(o, onnx_ir.Tensor)}
+
+
+def _drop_graph_data(keep: set[int]) -> None:
+    """Drop the data of every onnx_ir tensor the export made. torch.onnx.export's graphs outlive it, held from
+    outside Python's gc (no path to them from any module), and with them copies of the weights (the folded
+    transposes, 1B fp32: 5 GB) that nothing can free otherwise; the file is written, so nothing reads them."""
+    import onnx_ir
+
+    gc.collect()
+    for o in gc.get_objects():
+        if isinstance(o, onnx_ir.Tensor) and id(o) not in keep:
+            o._raw = None  # noqa: SLF001 (onnx_ir has no public way to release a tensor's data)
+    gc.collect()
 
 
 def pure_io(model: StreamingLM) -> dict:
