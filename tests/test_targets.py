@@ -123,3 +123,25 @@ def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
     for key in ("inputs", "outputs", "state"):
         assert [(t["role"], t["name"], t["dtype"]) for t in fixture[key]] == \
             [(t["role"], t["name"], t["dtype"]) for t in fresh[key]]
+
+
+def test_fp16_range_check_agrees_with_coremltools_rule():
+    """exporter.targets.coreml.overflows_fp16 (a block at a time) decides as coremltools 9.0's fp16_overflow does
+    (passes/defs/quantization.py: the largest |v| below 1e38 must not pass 65504), on edge values and on arrays
+    whose one outlier lies in a later block."""
+    from exporter.targets.coreml import overflows_fp16
+
+    def coremltools_rule(value):
+        a = np.abs(np.expand_dims(np.asarray(value, dtype=np.float32), 0))
+        return bool(np.max(a[np.where(a < 1e38)], initial=0.0) > 65504)
+
+    rng = np.random.default_rng(0)
+    cases = [np.float32(3.0), [65504.0], [65505.0], [-7e4], [1e38], [3e38], [np.inf, -np.inf], [np.nan, 1.0],
+             [-1e9, np.nan], rng.normal(size=(5, 7)).astype(np.float32)]
+    for where, value in ((3, 7e4), (29, -1e5), (29, np.inf), (0, 1e39)):
+        a = rng.normal(size=30).astype(np.float32)
+        a[where] = value
+        cases.append(a.reshape(5, 6))
+    decided = [(overflows_fp16(c, block=8), coremltools_rule(c)) for c in cases]
+    assert [ours for ours, _ in decided] == [theirs for _, theirs in decided]
+    assert sum(ours for ours, _ in decided) == 5  # 65505, -7e4, -1e9, and the 7e4 and -1e5 outliers

@@ -91,6 +91,34 @@ def _convert_codes_as_views() -> None:
             name=node.name, **offset))
 
 
+def overflows_fp16(value, block: int = 1 << 20) -> bool:
+    """Whether a finite value is out of fp16's range (65504 < |v| < 1e38; larger ones stand for infinity, e.g. in a
+    mask), checked a block at a time."""
+    import numpy as np
+
+    flat = np.asarray(value).reshape(-1)
+    for start in range(0, flat.size, block):
+        part = np.abs(flat[start:start + block])
+        if np.logical_and(part > 65504, part < 1e38).any():
+            return True
+    return False
+
+
+def _lean_fp16_overflow_check() -> None:
+    """coremltools' check, before casting an op to fp16, that its fp32 constants fit, done by `overflows_fp16`. Its
+    own took |v|, a mask and np.where's int64 indices of the whole constant: about 8 bytes for each byte of it,
+    8.7 GB for a 1B model's fp32 embedding table."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    def fp16_overflow(op) -> bool:
+        return any(var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                   and overflows_fp16(var.op.val.val)
+                   for inputs in op.inputs.values()
+                   for var in (inputs if isinstance(inputs, (list, tuple)) else [inputs]))
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+
+
 def _fp16_warnings(model: StreamingLM, log) -> None:
     """fp16 cannot hold weights past 65504, and ~3 significant digits cost logits accuracy."""
     worst = max((p.detach().abs().max().item(), n) for n, p in model.named_parameters())
@@ -169,6 +197,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     import numpy as np
 
     _fp16_warnings(model, spec.log)
+    _lean_fp16_overflow_check()
     if model.packed:
         _convert_codes_as_views()
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
