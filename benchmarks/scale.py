@@ -8,7 +8,14 @@ Writes the checkpoint itself (sharded bf16 safetensors, fixed seed, a word-level
 exports each target x scheme in its own process (`edgekv export`, window 124 unless --window), measuring wall time
 and peak RSS of that process, the artifact's size, and decode ms/token at each position (a runnable target's
 runner, the stream fed up to the position in prefill chunks; its RSS after each); with --validate, `edgekv
-validate`'s wall and peak RSS too. Prints a markdown table.
+validate`'s wall and peak RSS too. With --llama-cpp, llama.cpp on the same weights beside them (issue 18's speed
+goal): llama.cpp's own converter and quantizer from the llama-cpp-python source distribution, decode timed the same
+way. Prints a markdown table.
+
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d /tmp/llama
+    tar xzf /tmp/llama/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama && pip install /tmp/llama/llama_cpp_python-0.3.36
+    python benchmarks/scale.py --shape 1b --targets onnx,executorch --schemes int4 --positions 1024,4096,8192 \
+        --llama-cpp /tmp/llama/llama_cpp_python-0.3.36
 """
 
 from __future__ import annotations
@@ -125,29 +132,74 @@ def rss_now() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024 / 1e9
 
 
-def decode_ms(folder: Path, positions: list[int], tokens: int = 16) -> dict:
-    """ms/token (median of `tokens` decode calls) at each stream position, and this process's RSS after them."""
-    from runtimes import open_artifact
-
-    runner = open_artifact(folder)
+def time_decode(feed, vocab: int, chunk: int, positions: list[int], tokens: int = 16) -> dict:
+    """ms/token (median of `tokens` single-token `feed` calls) at each stream position, reached by feeding random
+    tokens `chunk` at a time, and this process's RSS after them. The same for every runtime."""
     rng = np.random.default_rng(0)
-    vocab = runner.manifest["vocab_size"]
-    chunk = runner.manifest["chunk"]
     out, fed = {}, 0
     for pos in positions:
-        while fed < pos:  # prefill chunks up to the position
+        while fed < pos:
             n = min(chunk, pos - fed)
-            runner.feed(list(rng.integers(0, vocab, n)))
+            feed([int(t) for t in rng.integers(0, vocab, n)])
             fed += n
         times = []
         for i in range(tokens + 4):  # the first 4 after a prefill warm up (a runtime switching shapes)
             t = time.perf_counter()
-            runner.feed([int(rng.integers(0, vocab))])
+            feed([int(rng.integers(0, vocab))])
             fed += 1
             if i >= 4:
                 times.append((time.perf_counter() - t) * 1000)
         out[pos] = {"ms": round(statistics.median(times), 2), "rss_gb": round(rss_now(), 2)}
     return out
+
+
+def decode_ms(folder: Path, positions: list[int]) -> dict:
+    """time_decode of an artifact's runner, prefilled in its chunks."""
+    from runtimes import open_artifact
+
+    runner = open_artifact(folder)
+    return time_decode(runner.feed, runner.manifest["vocab_size"], runner.manifest["chunk"], positions)
+
+
+def llama_gguf(ckpt: Path, src: Path, qtype: str) -> Path:
+    """The checkpoint in llama.cpp's form: `convert_hf_to_gguf.py` (f16), then `llama_model_quantize`, the library
+    call behind `llama-quantize`. The converter only accepts tokenizers it recognizes, and the checkpoint's is a
+    word list: the GGUF gets SmolLM2's tokenizer, padded to the vocabulary with [PAD] tokens. Token ids are all
+    decode reads; the weights are the checkpoint's."""
+    import llama_cpp
+
+    out = ckpt.parent / f"{ckpt.name}-{qtype}.gguf"
+    if out.is_file():
+        return out
+    from exporter.loaders import load_checkpoint
+
+    staged = ckpt.parent / f"{ckpt.name}-gguf-src"
+    staged.mkdir(exist_ok=True)
+    for f in [*ckpt.glob("*.safetensors"), ckpt / "config.json"]:
+        if not (staged / f.name).exists():
+            (staged / f.name).symlink_to(f)
+    for f in load_checkpoint().tokenizer_dir.glob("tokenizer*.json"):
+        shutil.copy(f, staged / f.name)
+    f16 = ckpt.parent / f"{ckpt.name}-f16.gguf"
+    subprocess.run([sys.executable, str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(staged), "--outfile",
+                    str(f16), "--outtype", "f16"], check=True, capture_output=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
+        sys.exit(f"llama.cpp could not quantize {f16} to {qtype}")
+    f16.unlink()
+    return out
+
+
+def llama_decode_ms(gguf: Path, positions: list[int], flash: bool, threads: int = 2) -> dict:
+    """time_decode of llama.cpp: its own growing KV cache (f16), fed 64 tokens at a time like edgekv's 1B exports,
+    with flash attention on or off (llama.cpp's tools turn it on for a CPU, `-fa auto`; the binding leaves it off)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=max(positions) + 100, n_threads=threads, n_threads_batch=threads,
+                n_batch=64, flash_attn=flash, verbose=False)
+    return time_decode(llm.eval, llm.n_vocab(), 64, positions)
 
 
 def main() -> None:
@@ -164,13 +216,22 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true",
                     help="also run `edgekv validate --no-cross-check` on each quantized artifact: wall, peak RSS, and "
                          "its reference pair (the reference streams the checkpoint a layer at a time)")
+    ap.add_argument("--llama-cpp", type=Path, metavar="SRC",
+                    help="an unpacked llama-cpp-python source distribution (installed): time llama.cpp's decode on the "
+                         "same weights, converted and quantized with its own tools")
+    ap.add_argument("--llama-types", default="q4_0",
+                    help="llama.cpp quantization types (with --llama-cpp), each timed with flash attention off and on; "
+                         "q4_0 is its fastest here (q4_1 took 1.8x its time at 1,024)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.llama_cpp and not (args.llama_cpp / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
+        sys.exit(f"{args.llama_cpp} is not an unpacked llama-cpp-python source distribution (no "
+                 "vendor/llama.cpp/convert_hf_to_gguf.py): see this script's docstring")
     ckpt = write_checkpoint(args.work / f"ckpt-{args.shape}", SHAPES[args.shape])
     positions = [int(p) for p in args.positions.split(",") if p]
     rows = []
     for scheme in args.schemes.split(","):
-        for target in args.targets.split(","):
+        for target in filter(None, args.targets.split(",")):
             out = args.work / f"out-{args.shape}"
             folder = out / (target if scheme == "none" else f"{target}-{scheme}")
             row = {"shape": args.shape, "target": target, "scheme": scheme}
@@ -188,6 +249,13 @@ def main() -> None:
                     row["validate"] = validate(folder, args.work / f"validate-{args.shape}-{target}-{scheme}.log")
                 if not args.keep:
                     shutil.rmtree(folder)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for qtype in args.llama_types.split(",") if args.llama_cpp else []:
+        gguf = llama_gguf(ckpt, args.llama_cpp, qtype)
+        for flash in (False, True):
+            row = {"shape": args.shape, "target": f"llama.cpp{' -fa' if flash else ''}", "scheme": qtype,
+                   "size_gb": round(gguf.stat().st_size / 1e9, 2), "decode": llama_decode_ms(gguf, positions, flash)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     # The bandwidth floor of a decode step: every weight byte read once (the 128-slot cache is a few MB).

@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
             # quantized model and one float tensor).
             for t in targets:
                 model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True,
-                                    pack=Packer(t, quant) if quant.bits else None)
+                                    pack=Packer(t, quant) if quant.bits else None,
+                                    dtype=None if quant.bits else getattr(target_module(t), "FLOAT_DTYPE", None))
                 log(f"model loaded{f', {quant.scheme} weights in the {t} form' if quant.bits else ''}")
                 written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix, owned=True))
                 del model

@@ -106,8 +106,8 @@ def test_streamed_model_holds_no_float_weights(tmp_path):
 # Peak RSS of 16 layers over 4 layers' exports. ONNX meets the goal of 1.3x (1.15x; before its weights went to a side
 # file past 64 MB it took 1.83x, and 1.70x with one thread before export fixed glibc's mmap threshold). Core ML does
 # not yet: coremltools holds int4 codes one per byte (numpy has no 4-bit type), so its program costs a byte a weight
-# even as a view of torch's codes (1.35-1.42x, 0.99 / 0.69 GB; 1.51x when it copied them); the bound keeps it from
-# growing while that is open (docs/benchmarks.md).
+# even as a view of torch's codes (1.37x, 0.91 / 0.67 GB with fp16 scales; 1.35-1.42x with fp32 ones, 1.51x when it
+# copied the codes); the bound keeps it from growing while that is open (docs/benchmarks.md).
 GROWTH = {"onnx": 1.3, "coreml": 1.5}
 
 

@@ -17,6 +17,9 @@ from exporter.targets import ExportSpec, io_entry, require, trace
 from exporter.targets.mlpackage import merge
 
 FP16_MAX = 65504.0
+# An unquantized export reads the checkpoint into fp16 (exporter.export), the precision the package computes in, so
+# fp32 weights never exist: 2.5 GB of weights for a 1B model where fp32 and the converter's fp16 casts held 7.4 GB.
+FLOAT_DTYPE = torch.float16
 
 
 class BlockwiseLinear(torch.nn.Module):
@@ -35,8 +38,9 @@ class BlockwiseLinear(torch.nn.Module):
             q, scale = by_rows(lambda w: block_quantize(w.numpy(), 8, self.group), weight.detach())
             codes, scale, zero = torch.from_numpy(q.astype("int8")), torch.from_numpy(scale), None
         self.register_buffer("codes", codes.contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("zero", zero if zero is None else zero.float().contiguous())
+        # fp16, as the package stores them: in fp32 they took twice the memory and coremltools cast a copy.
+        self.register_buffer("scale", scale.half().contiguous())
+        self.register_buffer("zero", zero if zero is None else zero.half().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def weight(self) -> torch.Tensor:
@@ -119,6 +123,34 @@ def _lean_fp16_overflow_check() -> None:
     FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
 
 
+def _fp16_promotion() -> None:
+    """An op whose inputs mix fp16 and fp32 computes in fp16, as the whole program will (compute_precision FLOAT16).
+    coremltools promoted to fp32 instead, and for a constant that is a copy: an fp16 model's every weight met an
+    fp32 activation (its converter reads the fp16 state as fp32) and was copied to fp32, 5 GB for 1B."""
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend import _utils as frontend_utils
+    from coremltools.converters.mil.frontend.torch import ops, quantization_ops
+    from coremltools.converters.mil.mil import Var, types
+
+    promote = getattr(ops.promote_input_dtypes, "edgekv_original", ops.promote_input_dtypes)
+
+    def to_fp16(var):
+        if var.dtype != types.fp32:
+            return var
+        return mb.cast(x=var, dtype="fp16") if var.val is None else mb.const(val=np.float16(var.val))
+
+    def promote_to_fp16(input_vars):
+        input_vars = [v if isinstance(v, Var) else mb.const(val=v) for v in input_vars]
+        if any(v.dtype == types.fp16 for v in input_vars):
+            input_vars = [to_fp16(v) for v in input_vars]
+        return promote(input_vars)
+
+    promote_to_fp16.edgekv_original = promote
+    for module in (ops, quantization_ops, frontend_utils):
+        module.promote_input_dtypes = promote_to_fp16
+
+
 def _fp16_warnings(model: StreamingLM, log) -> None:
     """fp16 cannot hold weights past 65504, and ~3 significant digits cost logits accuracy."""
     worst = max((p.detach().abs().max().item(), n) for n, p in model.named_parameters())
@@ -198,6 +230,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
 
     _fp16_warnings(model, spec.log)
     _lean_fp16_overflow_check()
+    _fp16_promotion()
     if model.packed:
         _convert_codes_as_views()
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow

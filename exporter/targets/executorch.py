@@ -110,7 +110,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         run_reinplace_pass=True,
     )
     program = edge.to_executorch(config)
-    (out_dir / "model.pte").write_bytes(program.buffer)
+    with open(out_dir / "model.pte", "wb") as f:  # piece by piece: `program.buffer` joins a copy of the whole file
+        program.write_to_file(f)
     return {
         "files": {"model": "model.pte"},
         "entries": {"decode": "decode", "prefill": "prefill"},
