@@ -1,6 +1,7 @@
 """`edgekv export --quantize`: every target, int8 and int4, on a tiny random model (weights that never were
 4-bit) and on SmolLM2; validated by perplexity and top-1 against fp32, and measured for size."""
 
+import copy
 import json
 import random
 
@@ -39,6 +40,33 @@ def test_affine_int4_returns_q4_1_weights_exactly():
     assert (steps - steps.round()).abs().max().item() < 1e-4
     assert steps.round().amin(-1).eq(-8).all() and steps.round().amax(-1).eq(7).all()
     assert (sym.reshape(48, 4, 32) + offset[..., None] - w.reshape(48, 4, 32)).abs().max().item() < 1e-7
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_executorch_packs_a_big_table_a_block_of_rows_at_a_time(monkeypatch, scheme, kind):
+    """A table past executorch.ROWS rows is quantized a block at a time (a 128k-row vocabulary's float temporaries
+    are 3.4 GB) and joined: the same codes, scales and outputs as quantizing it whole."""
+    pytest.importorskip("torchao")
+    from exporter.quantize import Quantization
+    from exporter.targets import executorch
+
+    torch.manual_seed(0)
+    table = torch.nn.Linear(64, 300) if kind == "linear" else torch.nn.Embedding(300, 64)
+    table = table.to(torch.bfloat16)  # the checkpoint's dtype, as loaders.build_model hands it over
+    x = torch.randn(3, 64) if kind == "linear" else torch.tensor([[0, 127, 128, 255, 256, 299]])
+    packed = {}
+    for rows in (1000, 128):  # whole, then three blocks (the last one short)
+        monkeypatch.setattr(executorch, "ROWS", rows)
+        packed[rows] = executorch.pack(copy.deepcopy(table), Quantization(scheme))
+    whole, blocks = packed[1000].state_dict(), packed[128].state_dict()
+    assert whole.keys() == blocks.keys()
+    for name, tensor in whole.items():
+        for part in getattr(tensor, "tensor_data_names", [None]):
+            a, b = (getattr(t, part) if part else t for t in (tensor, blocks[name]))
+            assert a.shape[0] == 300, (name, part, a.shape)  # every row, scale and offset is there once
+            assert torch.equal(a, b), (name, part)
+    assert torch.equal(packed[1000](x), packed[128](x))
 
 
 def test_offsets_compute_the_affine_weights(tmp_path):

@@ -72,6 +72,8 @@ def test_coreml_export_reads_weights_in_fp16_and_computes_the_same(exported):
     is; Gemma's embedding scale is rounded to fp16 before it multiplies (measured 4.5e-3 of the logit scale)."""
     folders, ids, calls, _ = exported
     ckpt = load_checkpoint(folders["coreml"].parent / "hf")
+    if ckpt.config.model_type not in ("llama", "qwen2", "gemma3_text"):
+        pytest.skip("the same layers as Llama's, read the same way; Gemma 3's embedding scale is the one difference")
     model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True, dtype=torch.float16)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     folder = export_one(model, ckpt, "coreml", folders["coreml"].parent / "coreml-fp16", manifest_base(

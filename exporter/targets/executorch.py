@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,9 +30,15 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     return model
 
 
+ROWS = 8192  # rows quantized at a time: a 128k-row table's float temporaries took 3.4 GB, a block's take 1/16
+
+
 def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
     """One layer as `quantize` leaves it, quantized as it is read (loaders.build_model); a tied table is packed
-    twice, for the lookup and for the output projection, as `quantize` unties it."""
+    twice, for the lookup and for the output projection, as `quantize` unties it. A big table is quantized a block
+    of rows at a time and joined: every scale and offset belongs to one row, so the numbers are the same."""
+    if module.weight.shape[0] > ROWS:
+        return _joined([pack(_rows(module, i, i + ROWS), quant) for i in range(0, module.weight.shape[0], ROWS)])
     module = module.float()  # the checkpoint's dtype until now (loaders.build_model); torchao's scales follow it
     if quant.bits == 4:
         module = (OffsetEmbedding if isinstance(module, torch.nn.Embedding) else OffsetLinear)(module, quant.group_size)
@@ -37,6 +46,40 @@ def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
     holder.layer = module
     _torchao(holder, quant)
     return holder.layer
+
+
+def _rows(module: torch.nn.Module, start: int, stop: int) -> torch.nn.Module:
+    """Rows start:stop of a linear layer or an embedding, viewing its weights."""
+    rows = copy.copy(module)
+    rows._parameters = {name: None if p is None else torch.nn.Parameter(p[start:stop], requires_grad=False)
+                        for name, p in module._parameters.items()}
+    if isinstance(module, torch.nn.Linear):
+        rows.out_features = rows.weight.shape[0]
+    else:
+        rows.num_embeddings = rows.weight.shape[0]
+    return rows
+
+
+def _joined(parts: list[torch.nn.Module]) -> torch.nn.Module:
+    """Packed blocks of rows as one module: each weight (torchao's tensors by their inner tensors) concatenated."""
+    def cat(tensors):
+        first = tensors[0]
+        if not hasattr(first, "tensor_data_names"):
+            return torch.cat(tensors)
+        inner = [torch.cat([getattr(t, name) for t in tensors]) for name in first.tensor_data_names]
+        return type(first)(*inner, *(getattr(first, name) for name in first.tensor_attribute_names))
+
+    whole = parts[0]
+    for name, _ in list(whole.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        joined = cat([part.get_parameter(name) for part in parts])
+        setattr(whole.get_submodule(owner), attr, torch.nn.Parameter(joined, requires_grad=False))
+    for module in whole.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.out_features = module.weight.shape[0]
+        elif isinstance(module, torch.nn.Embedding):
+            module.num_embeddings = module.weight.shape[0]
+    return whole
 
 
 def _torchao(model: torch.nn.Module, quant: Quantization) -> None:
@@ -83,10 +126,7 @@ def cache_access(split: StreamingLM) -> dict[str, torch.export.ExportedProgram]:
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
-    exir = require("executorch.exir", "executorch==1.5.1")
-    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch==1.5.1")
-    from executorch.exir.passes import MemoryPlanningPass
-
+    require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch==1.5.1")
     quant = spec.quant
     if quant.bits and not model.packed:
         model = quantize(model, quant)
@@ -95,23 +135,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     split = model.per_layer_cache()
     programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk), **cache_access(split)}
     spec.log("traced decode and prefill")
-    # Without the edge dialect's IR verifier, as ExecuTorch's own LLM export does (extension/llm/export/builder.py):
-    # it re-checked every op's dtypes after each pass, a tenth of the lowering's time. The artifact is run by tests.
-    edge = exir.to_edge_transform_and_lower(programs, partitioner=[xnn.XnnpackPartitioner()],
-                                            compile_config=exir.EdgeCompileConfig(_check_ir_validity=False),
-                                            constant_methods={IDENTITY_METHOD: spec.identity})
-    spec.log("lowered to XNNPACK")
-    # share_mutable_buffers: both methods read and write the same cache buffers.
-    config = exir.ExecutorchBackendConfig(
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
-        do_quant_fusion_and_const_prop=bool(quant.bits),  # dequantize + embedding -> quantized embedding op
-        # The cache write (StreamingLM.written: index_put_ of the new entries) runs in place on the buffer:
-        # one slot per layer written a token, the cache never copied.
-        run_reinplace_pass=True,
-    )
-    program = edge.to_executorch(config)
-    with open(out_dir / "model.pte", "wb") as f:  # piece by piece: `program.buffer` joins a copy of the whole file
-        program.write_to_file(f)
+    with tempfile.TemporaryDirectory(dir=out_dir) as spill, _lowering_without_copies(Path(spill)):
+        _lower_and_write(programs, out_dir / "model.pte", spec, quant)
     return {
         "files": {"model": "model.pte"},
         "entries": {"decode": "decode", "prefill": "prefill"},
@@ -126,3 +151,65 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
              }.get(quant.scheme, "float32"),
             "int8 dynamic, per token" if quant.bits else "float32", "float32"),
     }
+
+
+def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quantization) -> None:
+    from executorch import exir
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.passes import MemoryPlanningPass
+
+    # Without the edge dialect's IR verifier, as ExecuTorch's own LLM export does (extension/llm/export/builder.py):
+    # it re-checked every op's dtypes after each pass, a tenth of the lowering's time. The artifact is run by tests.
+    edge = exir.to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
+                                            compile_config=exir.EdgeCompileConfig(_check_ir_validity=False),
+                                            constant_methods={IDENTITY_METHOD: spec.identity})
+    spec.log("lowered to XNNPACK")
+    # share_mutable_buffers: both methods read and write the same cache buffers.
+    config = exir.ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+        do_quant_fusion_and_const_prop=bool(quant.bits),  # dequantize + embedding -> quantized embedding op
+        # The cache write (StreamingLM.written: index_put_ of the new entries) runs in place on the buffer:
+        # one slot per layer written a token, the cache never copied.
+        run_reinplace_pass=True,
+    )
+    program = edge.to_executorch(config)
+    with open(path, "wb") as f:  # piece by piece: `program.buffer` joins a copy of the whole file
+        program.write_to_file(f)
+
+
+@contextlib.contextmanager
+def _lowering_without_copies(folder: Path):
+    """XNNPACK's lowering with the model's weights held once, as a 7B model needs:
+    - ExecuTorch deep-copies each partition's program, its weights with it, before XNNPACK reads it: all methods'
+      partitions at once, a copy of the model per method. The copy keeps sharing the weights here (XNNPACK's
+      passes replace a constant rather than change it in place; the artifact is compared with the reference).
+    - The serialized weights go to files in `folder` as they are made, and the .pte is written from them
+      (ExecuTorch's FileBackedData): as bytes they were another copy of the model, and prefill's a third. A blob
+      both methods make (the same key: XNNPACK names each by its SHA-256) is written once."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    add = NamedDataStore.add_named_data
+    spilled: dict[str, FileBackedData] = {}
+
+    def add_on_disk(self, key, data, *args, **kwargs):
+        if isinstance(data, bytes) and len(data) >= 1 << 16:  # small blobs (norms, biases) stay in memory
+            if key not in spilled:
+                path = folder / f"{len(spilled)}.bin"
+                path.write_bytes(data)
+                spilled[key] = FileBackedData(str(path), sha256=hashlib.sha256(data).digest())
+            data = spilled[key]
+        return add(self, key, data, *args, **kwargs)
+
+    def copy_sharing_weights(cls, program, compile_specs):
+        weights = (*program.state_dict.values(), *program.constants.values())
+        return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
+
+    NamedDataStore.add_named_data = add_on_disk
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = add
+        del XnnpackBackend.copy_exported_program_for_preprocess  # BackendDetails' own again
