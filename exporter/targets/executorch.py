@@ -179,7 +179,8 @@ def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quanti
 
 @contextlib.contextmanager
 def _lowering_without_copies(folder: Path):
-    """XNNPACK's lowering with the model's weights held once, as a 7B model needs:
+    """XNNPACK's lowering with the model's weights held once, and its partitioner's bookkeeping in a few MB, as a 7B
+    model needs (_Dependencies):
     - ExecuTorch deep-copies each partition's program, its weights with it, before XNNPACK reads it: all methods'
       partitions at once, a copy of the model per method. The copy keeps sharing the weights here (XNNPACK's
       passes replace a constant rather than change it in place; the artifact is compared with the reference).
@@ -189,6 +190,8 @@ def _lowering_without_copies(folder: Path):
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner as fx_partitioner
 
     add = NamedDataStore.add_named_data
     spilled: dict[str, FileBackedData] = {}
@@ -206,10 +209,50 @@ def _lowering_without_copies(folder: Path):
         weights = (*program.state_dict.values(), *program.constants.values())
         return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
 
+    viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
     NamedDataStore.add_named_data = add_on_disk
     XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+    for module, _ in viewers:
+        module._DependencyViewer = _Dependencies
     try:
         yield
     finally:
         NamedDataStore.add_named_data = add
         del XnnpackBackend.copy_exported_program_for_preprocess  # BackendDetails' own again
+        for module, viewer in viewers:
+            module._DependencyViewer = viewer
+
+
+class _Dependencies:
+    """What the partitioners (torch.fx's and ExecuTorch's) ask of a graph: the nodes downstream (upstream) of a
+    node, held as one bitmask a node, N^2 / 8 bytes. Their own views hold a set of every node's transitive users,
+    N^2 set entries: 2.5 GB for a 32-layer model's graph, twice, as the partitioner's peak."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule):
+        self._nodes = list(graph_module.graph.nodes)
+        self._index = {node: i for i, node in enumerate(self._nodes)}
+        self._down = self._closure(reversed(range(len(self._nodes))), lambda node: node.users)
+        self._up = self._closure(range(len(self._nodes)), lambda node: node.all_input_nodes)
+
+    def _closure(self, order, neighbours) -> list[int]:
+        masks = [0] * len(self._nodes)
+        for i in order:
+            for other in neighbours(self._nodes[i]):
+                j = self._index[other]
+                masks[i] |= (1 << j) | masks[j]
+        return masks
+
+    def _members(self, masks: list[int], node: torch.fx.Node) -> list[torch.fx.Node]:
+        i = self._index.get(node)
+        bits = bin(masks[i])[:1:-1] if i is not None else ""  # lowest bit first
+        found, j = [], bits.find("1")
+        while j >= 0:
+            found.append(self._nodes[j])
+            j = bits.find("1", j + 1)
+        return found
+
+    def downstreams_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return self._members(self._down, node)
+
+    def upstreams_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return self._members(self._up, node)
