@@ -181,8 +181,10 @@ def llama_gguf(ckpt: Path, src: Path, qtype: str) -> Path:
     for f in load_checkpoint().tokenizer_dir.glob("tokenizer*.json"):
         shutil.copy(f, staged / f.name)
     f16 = ckpt.parent / f"{ckpt.name}-f16.gguf"
-    subprocess.run([sys.executable, str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(staged), "--outfile",
-                    str(f16), "--outtype", "f16"], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(staged),
+                           "--outfile", str(f16), "--outtype", "f16"], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"llama.cpp's convert_hf_to_gguf.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params.nthread = 2

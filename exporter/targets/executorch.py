@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -242,17 +243,17 @@ class _Dependencies:
                 masks[i] |= (1 << j) | masks[j]
         return masks
 
-    def _members(self, masks: list[int], node: torch.fx.Node) -> list[torch.fx.Node]:
+    def _members(self, masks: list[int], node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+        """Lazily: the partitioners stop at the first node they look for."""
         i = self._index.get(node)
         bits = bin(masks[i])[:1:-1] if i is not None else ""  # lowest bit first
-        found, j = [], bits.find("1")
+        j = bits.find("1")
         while j >= 0:
-            found.append(self._nodes[j])
+            yield self._nodes[j]
             j = bits.find("1", j + 1)
-        return found
 
-    def downstreams_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+    def downstreams_of(self, node: torch.fx.Node) -> Iterator[torch.fx.Node]:
         return self._members(self._down, node)
 
-    def upstreams_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+    def upstreams_of(self, node: torch.fx.Node) -> Iterator[torch.fx.Node]:
         return self._members(self._up, node)
