@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import tempfile
 from collections.abc import Iterator
@@ -54,11 +55,17 @@ def _rows(module: torch.nn.Module, start: int, stop: int) -> torch.nn.Module:
     rows = copy.copy(module)
     rows._parameters = {name: None if p is None else torch.nn.Parameter(p[start:stop], requires_grad=False)
                         for name, p in module._parameters.items()}
-    if isinstance(module, torch.nn.Linear):
-        rows.out_features = rows.weight.shape[0]
-    else:
-        rows.num_embeddings = rows.weight.shape[0]
-    return rows
+    return _sized(rows)
+
+
+def _sized(module: torch.nn.Module) -> torch.nn.Module:
+    """Its linear layers' and embeddings' row counts as their weights have them."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.out_features = m.weight.shape[0]
+        elif isinstance(m, torch.nn.Embedding):
+            m.num_embeddings = m.weight.shape[0]
+    return module
 
 
 def _joined(parts: list[torch.nn.Module]) -> torch.nn.Module:
@@ -75,12 +82,7 @@ def _joined(parts: list[torch.nn.Module]) -> torch.nn.Module:
         owner, _, attr = name.rpartition(".")
         joined = cat([part.get_parameter(name) for part in parts])
         setattr(whole.get_submodule(owner), attr, torch.nn.Parameter(joined, requires_grad=False))
-    for module in whole.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.out_features = module.weight.shape[0]
-        elif isinstance(module, torch.nn.Embedding):
-            module.num_embeddings = module.weight.shape[0]
-    return whole
+    return _sized(whole)
 
 
 def _torchao(model: torch.nn.Module, quant: Quantization) -> None:
@@ -180,8 +182,9 @@ def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quanti
 
 @contextlib.contextmanager
 def _lowering_without_copies(folder: Path):
-    """XNNPACK's lowering with the model's weights held once, and its partitioner's bookkeeping in a few MB, as a 7B
-    model needs (_Dependencies):
+    """XNNPACK's lowering with the model's weights held once, as a 7B model needs:
+    - The partitioners' view of the graph's dependencies takes N^2 / 8 bytes rather than N^2 set entries
+      (_Dependencies).
     - ExecuTorch deep-copies each partition's program, its weights with it, before XNNPACK reads it: all methods'
       partitions at once, a copy of the model per method. The copy keeps sharing the weights here (XNNPACK's
       passes replace a constant rather than change it in place; the artifact is compared with the reference).
@@ -203,37 +206,49 @@ def _lowering_without_copies(folder: Path):
                 path = folder / f"{len(spilled)}.bin"
                 path.write_bytes(data)
                 spilled[key] = FileBackedData(str(path), sha256=hashlib.sha256(data).digest())
-            data = spilled[key]
+            if len(spilled[key]) == len(data):  # else the store's own check says the key's data differ
+                data = spilled[key]
         return add(self, key, data, *args, **kwargs)
 
     def copy_sharing_weights(cls, program, compile_specs):
         weights = (*program.state_dict.values(), *program.constants.values())
         return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
 
+    copy_program = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")  # else BackendDetails'
     viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
-    NamedDataStore.add_named_data = add_on_disk
-    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
-    for module, _ in viewers:
-        module._DependencyViewer = _Dependencies
     try:
+        NamedDataStore.add_named_data = add_on_disk
+        XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+        for module, _ in viewers:
+            module._DependencyViewer = _Dependencies
         yield
     finally:
         NamedDataStore.add_named_data = add
-        del XnnpackBackend.copy_exported_program_for_preprocess  # BackendDetails' own again
+        if copy_program is None:
+            del XnnpackBackend.copy_exported_program_for_preprocess
+        else:
+            XnnpackBackend.copy_exported_program_for_preprocess = copy_program
         for module, viewer in viewers:
             module._DependencyViewer = viewer
 
 
 class _Dependencies:
-    """What the partitioners (torch.fx's and ExecuTorch's) ask of a graph: the nodes downstream (upstream) of a
-    node, held as one bitmask a node, N^2 / 8 bytes. Their own views hold a set of every node's transitive users,
-    N^2 set entries: 2.5 GB for a 32-layer model's graph, twice, as the partitioner's peak."""
+    """What the partitioners (torch.fx's and ExecuTorch's) ask of a graph: the nodes downstream of a node, held as one
+    bitmask a node, N^2 / 8 bytes. Their own views hold a set of every node's transitive users, N^2 set entries:
+    2.5 GB for a 32-layer model's graph, twice at once, the partitioner's peak. Each table is built on first use
+    (nothing asks for the upstream one; ExecuTorch's partitioner makes torch's view only to replace it)."""
 
     def __init__(self, graph_module: torch.fx.GraphModule):
         self._nodes = list(graph_module.graph.nodes)
         self._index = {node: i for i, node in enumerate(self._nodes)}
-        self._down = self._closure(reversed(range(len(self._nodes))), lambda node: node.users)
-        self._up = self._closure(range(len(self._nodes)), lambda node: node.all_input_nodes)
+
+    @functools.cached_property
+    def _down(self) -> list[int]:
+        return self._closure(reversed(range(len(self._nodes))), lambda node: node.users)
+
+    @functools.cached_property
+    def _up(self) -> list[int]:
+        return self._closure(range(len(self._nodes)), lambda node: node.all_input_nodes)
 
     def _closure(self, order, neighbours) -> list[int]:
         masks = [0] * len(self._nodes)
