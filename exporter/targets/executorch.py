@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -183,8 +181,6 @@ def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quanti
 @contextlib.contextmanager
 def _lowering_without_copies(folder: Path):
     """XNNPACK's lowering with the model's weights held once, as a 7B model needs:
-    - The partitioners' view of the graph's dependencies takes N^2 / 8 bytes rather than N^2 set entries
-      (_Dependencies).
     - ExecuTorch deep-copies each partition's program, its weights with it, before XNNPACK reads it: all methods'
       partitions at once, a copy of the model per method. The copy keeps sharing the weights here (XNNPACK's
       passes replace a constant rather than change it in place; the artifact is compared with the reference).
@@ -194,8 +190,6 @@ def _lowering_without_copies(folder: Path):
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
-    from executorch.exir.backend.canonical_partitioners import group_partitioner
-    from torch.fx.passes.infra import partitioner as fx_partitioner
 
     add = NamedDataStore.add_named_data
     spilled: dict[str, FileBackedData] = {}
@@ -215,12 +209,9 @@ def _lowering_without_copies(folder: Path):
         return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
 
     copy_program = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")  # else BackendDetails'
-    viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
     try:
         NamedDataStore.add_named_data = add_on_disk
         XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
-        for module, _ in viewers:
-            module._DependencyViewer = _Dependencies
         yield
     finally:
         NamedDataStore.add_named_data = add
@@ -228,47 +219,3 @@ def _lowering_without_copies(folder: Path):
             del XnnpackBackend.copy_exported_program_for_preprocess
         else:
             XnnpackBackend.copy_exported_program_for_preprocess = copy_program
-        for module, viewer in viewers:
-            module._DependencyViewer = viewer
-
-
-class _Dependencies:
-    """What the partitioners (torch.fx's and ExecuTorch's) ask of a graph: the nodes downstream of a node, held as one
-    bitmask a node, N^2 / 8 bytes. Their own views hold a set of every node's transitive users, N^2 set entries:
-    2.5 GB for a 32-layer model's graph, twice at once, the partitioner's peak. Each table is built on first use
-    (nothing asks for the upstream one; ExecuTorch's partitioner makes torch's view only to replace it)."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule):
-        self._nodes = list(graph_module.graph.nodes)
-        self._index = {node: i for i, node in enumerate(self._nodes)}
-
-    @functools.cached_property
-    def _down(self) -> list[int]:
-        return self._closure(reversed(range(len(self._nodes))), lambda node: node.users)
-
-    @functools.cached_property
-    def _up(self) -> list[int]:
-        return self._closure(range(len(self._nodes)), lambda node: node.all_input_nodes)
-
-    def _closure(self, order, neighbours) -> list[int]:
-        masks = [0] * len(self._nodes)
-        for i in order:
-            for other in neighbours(self._nodes[i]):
-                j = self._index[other]
-                masks[i] |= (1 << j) | masks[j]
-        return masks
-
-    def _members(self, masks: list[int], node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-        """Lazily: the partitioners stop at the first node they look for."""
-        i = self._index.get(node)
-        bits = bin(masks[i])[:1:-1] if i is not None else ""  # lowest bit first
-        j = bits.find("1")
-        while j >= 0:
-            yield self._nodes[j]
-            j = bits.find("1", j + 1)
-
-    def downstreams_of(self, node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-        return self._members(self._down, node)
-
-    def upstreams_of(self, node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-        return self._members(self._up, node)
