@@ -69,6 +69,37 @@ def test_executorch_packs_a_big_table_a_block_of_rows_at_a_time(monkeypatch, sch
     assert torch.equal(packed[1000](x), packed[128](x))
 
 
+def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
+    """ExecuTorch's lowering swaps the partitioners' dependency views for one built on first use (the 7B export's
+    peak held three N^2 tables): on a branching graph, the same sets as torch.fx's and ExecuTorch's own views, and
+    the originals back once the lowering is done."""
+    pytest.importorskip("executorch")
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner as fx_partitioner
+
+    from exporter.targets import executorch
+
+    class Branches(torch.nn.Module):
+        def forward(self, x, y):
+            a = torch.relu(x) + y
+            b = torch.sigmoid(a) * x
+            return a - b, torch.tanh(y) @ b
+
+    graph = torch.fx.symbolic_trace(Branches())
+    originals = fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer
+    torch_view, executorch_view = (viewer(graph) for viewer in originals)
+    with executorch._lowering_without_copies(tmp_path):
+        assert fx_partitioner._DependencyViewer is group_partitioner._DependencyViewer is executorch._Dependencies
+        view = fx_partitioner._DependencyViewer(graph)
+    assert (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer) == originals
+    nodes = list(graph.graph.nodes)
+    assert {n.name for n in view.downstreams_of(nodes[0])} == {"relu", "add", "sigmoid", "mul", "sub", "matmul",
+                                                               "output"}  # all of x's, not tanh(y)
+    for node in nodes:
+        assert view.downstreams_of(node) == torch_view.downstreams_of(node) == executorch_view.downstreams_of(node)
+        assert view.upstreams_of(node) == executorch_view.upstreams_of(node)
+
+
 def test_offsets_compute_the_affine_weights(tmp_path):
     """with_offsets (what ExecuTorch, ONNX and OpenVINO export) gives the logits of the model whose weights were
     rounded in place, tied table and output projection included."""
