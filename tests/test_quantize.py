@@ -4,7 +4,9 @@
 import copy
 import json
 import random
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +100,42 @@ def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
     for node in nodes:
         assert view.downstreams_of(node) == torch_view.downstreams_of(node) == executorch_view.downstreams_of(node)
         assert view.upstreams_of(node) == executorch_view.upstreams_of(node)
+
+
+def mapping_rss_kb(address: int) -> tuple[str, int]:
+    """The file and resident size (KB) of this process's mapping that holds `address` (/proc/self/smaps)."""
+    found = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            found = (head[5] if len(head) > 5 else "") if start <= address < end else None
+        elif found is not None and head[0] == "Rss:":
+            return found, int(head[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_coreml_codes_live_in_a_file_mapping_whose_pages_can_be_dropped():
+    """Core ML's int4 codes (a byte a weight in coremltools, for the whole program) are a mapping of an unlinked
+    file, resident only while read: after a read, `_drop_pages` hands them back, and they read the same again."""
+    from exporter.quantize import Quantization
+    from exporter.targets import coreml
+
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 512)
+    layer = coreml.BlockwiseLinear(weight, None, Quantization("int4"))
+    expected = affine_int4(weight, 32)[0].to(torch.int8) - 8
+    codes = layer.codes.numpy()
+    name, _ = mapping_rss_kb(codes.ctypes.data)
+    assert "edgekv-codes-" in name, name
+    assert torch.equal(layer.codes, expected)  # reads every page
+    assert mapping_rss_kb(codes.ctypes.data)[1] >= codes.nbytes // 1024
+    coreml._drop_pages(codes)
+    assert mapping_rss_kb(codes.ctypes.data)[1] == 0
+    assert torch.equal(layer.codes, expected)
+    coreml._drop_pages(codes.copy())  # not a mapped tensor's memory: left alone
+    assert np.array_equal(codes, expected.numpy())
 
 
 def test_offsets_compute_the_affine_weights(tmp_path):

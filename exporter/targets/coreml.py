@@ -4,10 +4,14 @@ and `decode` + `prefill` functions in one multifunction package that shares the 
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
+import sys
 import tempfile
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +41,7 @@ class BlockwiseLinear(torch.nn.Module):
         else:
             q, scale = by_rows(lambda w: block_quantize(w.numpy(), 8, self.group), weight.detach())
             codes, scale, zero = torch.from_numpy(q.astype("int8")), torch.from_numpy(scale), None
-        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("codes", _mapped(codes.contiguous()))
         # fp16, as the package stores them: in fp32 they took twice the memory and coremltools cast a copy.
         self.register_buffer("scale", scale.half().contiguous())
         self.register_buffer("zero", zero if zero is None else zero.half().contiguous())
@@ -71,6 +75,63 @@ def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
 def pack_tied(embedding, head, quant: Quantization) -> tuple[torch.nn.Module, torch.nn.Module]:
     table = pack(head, quant)
     return BlockwiseEmbedding(table), table
+
+
+# The codes of every BlockwiseLinear alive, by address: the pages of these may be dropped once written.
+_MAPPED: dict[int, weakref.ref] = {}
+
+
+def _mapped(codes: torch.Tensor) -> torch.Tensor:
+    """codes over a shared mapping of an unlinked temporary file: pages the kernel reads in when the converter reads
+    them and may drop (clean file pages), where in anonymous memory they were the export's peak. coremltools holds
+    int4 codes a byte each (numpy has no 4-bit type) for the whole program, a byte a weight: 7.25 GB at 7B.
+    `_drop_pages_after_reads` hands the pages back after each read of them. Needs that byte a weight free in TMPDIR."""
+    with tempfile.NamedTemporaryFile(prefix="edgekv-codes-") as f:  # unlinked on leaving; the mapping keeps it
+        codes.numpy().tofile(f)
+        f.flush()
+        mapped = torch.from_file(f.name, shared=True, size=codes.numel(), dtype=codes.dtype).view(codes.shape)
+    _MAPPED[mapped.data_ptr()] = weakref.ref(mapped)
+    weakref.finalize(mapped, _MAPPED.pop, mapped.data_ptr(), None)
+    return mapped
+
+
+def _drop_pages(array) -> None:
+    """MADV_DONTNEED on the pages of a `_mapped` tensor's file mapping (reread from the file if touched again); any
+    other memory is left alone."""
+    address = array.__array_interface__["data"][0]
+    ref = _MAPPED.get(address)
+    tensor = ref() if ref else None
+    if tensor is None or tensor.data_ptr() != address or sys.platform == "win32":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(tensor.numel() * tensor.element_size()), 4)
+
+
+def _drop_pages_after_reads() -> None:
+    """The mapped codes' pages dropped after each of coremltools' reads of all of them, so that they are resident a
+    tensor at a time, not all at once: its blob writer, and the re-inference of every op after a pass (which
+    compares each constant's value with itself, elementwise)."""
+    from coremltools.converters.mil.backend.mil import helper
+    from coremltools.converters.mil.mil.operation import Operation
+
+    write = getattr(helper._get_offset_by_writing_data, "edgekv_original", helper._get_offset_by_writing_data)
+    infer = getattr(Operation.type_value_inference, "edgekv_original", Operation.type_value_inference)
+
+    def write_then_drop(output_var, blob_writer):
+        offset = write(output_var, blob_writer)
+        if isinstance(output_var.val, np.ndarray):
+            _drop_pages(output_var.val)
+        return offset
+
+    def infer_then_drop(self, *args, **kwargs):
+        result = infer(self, *args, **kwargs)
+        if self.op_type == "const" and isinstance(self.outputs[0].val, np.ndarray):
+            _drop_pages(self.outputs[0].val)
+        return result
+
+    write_then_drop.edgekv_original, infer_then_drop.edgekv_original = write, infer
+    helper._get_offset_by_writing_data = write_then_drop
+    Operation.type_value_inference = infer_then_drop
 
 
 def _convert_codes_as_views() -> None:
@@ -233,6 +294,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     _fp16_promotion()
     if model.packed:
         _convert_codes_as_views()
+        _drop_pages_after_reads()
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
     # copy, so the caller's model keeps its in-place write.
     model = copy.copy(model)
