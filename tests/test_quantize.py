@@ -102,6 +102,56 @@ def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
         assert view.upstreams_of(node) == executorch_view.upstreams_of(node)
 
 
+def test_executorch_duplicates_a_tied_table_by_sharing_it(tmp_path, monkeypatch):
+    """fp32's tied table is used outside XNNPACK (the lookup) and inside (the output projection), so ExecuTorch
+    duplicates it for each side, once per method (2 GB of the 1B export's peak): in edgekv's lowering the
+    duplicate shares the table's storage, and the program is byte for byte the one ExecuTorch writes itself."""
+    pytest.importorskip("executorch")
+    from executorch import exir
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.backend import utils as backend_utils
+    from executorch.exir.backend.canonical_partitioners import duplicate_constant_node_pass
+
+    from exporter.targets import executorch
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(64, 16)
+            self.head = torch.nn.Linear(16, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(torch.relu(self.embed(tokens)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    programs = {name: torch.export.export(model, (torch.arange(n)[None],)) for name, n in (("a", 3), ("b", 1))}
+    duplicates = []  # per call: (the duplicate's data pointer, the original's)
+    duplicate = backend_utils.duplicate_constant_node
+
+    def watched(program, name):
+        copies = duplicate(program, name)
+        target = next(s.target for s in program.graph_signature.input_specs if s.arg.name == name)
+        duplicates.extend((program.state_dict[c].data_ptr(), program.state_dict[target].data_ptr()) for c in copies)
+        return copies
+
+    monkeypatch.setattr(backend_utils, "duplicate_constant_node", watched)
+
+    def lowered() -> bytes:
+        edge = exir.to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+        return edge.to_executorch().buffer
+
+    own = lowered()
+    assert len(duplicates) == 2 and all(copy_ != original for copy_, original in duplicates)  # one a method
+    duplicates.clear()
+    with executorch._lowering_without_copies(tmp_path):
+        shared = lowered()
+    assert len(duplicates) == 2 and all(copy_ == original for copy_, original in duplicates)
+    assert duplicate_constant_node_pass.copy is copy
+    assert shared == own
+
+
 def mapping_rss_kb(address: int) -> tuple[str, int]:
     """The file and resident size (KB) of this process's mapping that holds `address` (/proc/self/smaps)."""
     found = None

@@ -189,11 +189,14 @@ def _lowering_without_copies(folder: Path):
     - The serialized weights go to files in `folder` as they are made, and the .pte is written from them
       (ExecuTorch's FileBackedData): as bytes they were another copy of the model, and prefill's a third. A blob
       both methods make (the same key: XNNPACK names each by its SHA-256) is written once.
-    - The partitioners' view of the graph's dependencies is built once, on first use (_Dependencies)."""
+    - The partitioners' view of the graph's dependencies is built once, on first use (_Dependencies).
+    - A constant used inside and outside a partition (fp32's tied table: the lookup runs outside XNNPACK, the output
+      projection inside) is duplicated for each side, once per method: here the duplicate shares the tensor
+      (2 GB of a 1B export's peak)."""
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
-    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from executorch.exir.backend.canonical_partitioners import duplicate_constant_node_pass, group_partitioner
     from torch.fx.passes.infra import partitioner as fx_partitioner
 
     add = NamedDataStore.add_named_data
@@ -220,15 +223,30 @@ def _lowering_without_copies(folder: Path):
         XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
         for module, _ in viewers:
             module._DependencyViewer = _Dependencies
+        duplicate_constant_node_pass.copy = _SharingTensors
         yield
     finally:
         NamedDataStore.add_named_data = add
+        duplicate_constant_node_pass.copy = copy
         if copy_program is None:
             del XnnpackBackend.copy_exported_program_for_preprocess
         else:
             XnnpackBackend.copy_exported_program_for_preprocess = copy_program
         for module, viewer in viewers:
             module._DependencyViewer = viewer
+
+
+class _SharingTensors:
+    """The `copy` module as ExecuTorch's duplicate_constant_node pass sees it: its deepcopy of a plain tensor or
+    parameter is a new one over the same storage; anything else (its input specs, torchao's tensors) is copied."""
+
+    @staticmethod
+    def deepcopy(value, memo=None):
+        if type(value) is torch.nn.Parameter:
+            return torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        if type(value) is torch.Tensor:
+            return value.detach()
+        return copy.deepcopy(value, memo)
 
 
 class _Dependencies:
