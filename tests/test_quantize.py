@@ -73,8 +73,9 @@ def test_executorch_packs_a_big_table_a_block_of_rows_at_a_time(monkeypatch, sch
 
 def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
     """ExecuTorch's lowering swaps the partitioners' dependency views for one built on first use (the 7B export's
-    peak held three N^2 tables): on a branching graph, the same sets as torch.fx's and ExecuTorch's own views, and
-    the originals back once the lowering is done."""
+    peak held three N^2 tables) and their merge check for one that asks it with a set operation: on a branching
+    graph, the same sets as torch.fx's and ExecuTorch's own views, the same answers as its own check, and the
+    originals back once the lowering is done."""
     pytest.importorskip("executorch")
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from torch.fx.passes.infra import partitioner as fx_partitioner
@@ -88,18 +89,34 @@ def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
             return a - b, torch.tanh(y) @ b
 
     graph = torch.fx.symbolic_trace(Branches())
-    originals = fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer
-    torch_view, executorch_view = (viewer(graph) for viewer in originals)
+    partitioner = group_partitioner.GroupBasedPartitioner
+    originals = fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer, partitioner._can_merge_partitions
+    torch_view, executorch_view = (viewer(graph) for viewer in originals[:2])
     with executorch._lowering_without_copies(tmp_path):
         assert fx_partitioner._DependencyViewer is group_partitioner._DependencyViewer is executorch._Dependencies
+        assert partitioner._can_merge_partitions is executorch._can_merge
         view = fx_partitioner._DependencyViewer(graph)
-    assert (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer) == originals
+    assert (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer,
+            partitioner._can_merge_partitions) == originals
     nodes = list(graph.graph.nodes)
     assert {n.name for n in view.downstreams_of(nodes[0])} == {"relu", "add", "sigmoid", "mul", "sub", "matmul",
                                                                "output"}  # all of x's, not tanh(y)
     for node in nodes:
         assert view.downstreams_of(node) == torch_view.downstreams_of(node) == executorch_view.downstreams_of(node)
         assert view.upstreams_of(node) == executorch_view.upstreams_of(node)
+
+    # The merge check answers as ExecuTorch's own for every pair of one- and two-node partitions.
+    from torch.fx.passes.infra.partitioner import Partition
+
+    parts = [[n] for n in nodes] + [[a, b] for a, b in zip(nodes, nodes[2:], strict=False)]
+    by_id = {i: Partition(id=i, nodes=p) for i, p in enumerate(parts)}
+    judge = partitioner.__new__(partitioner)  # only its dependency_viewer is read
+    answers = {}
+    for name, viewer, check in (("own", executorch_view, originals[2]), ("edgekv", view, executorch._can_merge)):
+        judge.dependency_viewer = viewer
+        answers[name] = [check(judge, i, j, by_id) for i in by_id for j in by_id if i != j]
+    assert answers["own"] == answers["edgekv"]
+    assert 0 < sum(answers["own"]) < len(answers["own"])  # both answers occur
 
 
 def test_executorch_duplicates_a_tied_table_by_sharing_it(tmp_path, monkeypatch):

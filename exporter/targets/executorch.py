@@ -189,7 +189,8 @@ def _lowering_without_copies(folder: Path):
     - The serialized weights go to files in `folder` as they are made, and the .pte is written from them
       (ExecuTorch's FileBackedData): as bytes they were another copy of the model, and prefill's a third. A blob
       both methods make (the same key: XNNPACK names each by its SHA-256) is written once.
-    - The partitioners' view of the graph's dependencies is built once, on first use (_Dependencies).
+    - The partitioners' view of the graph's dependencies is built once, on first use (_Dependencies), and
+      ExecuTorch's merge check asks it with a set operation (_can_merge).
     - A constant used inside and outside a partition (fp32's tied table: the lookup runs outside XNNPACK, the output
       projection inside) is duplicated for each side, once per method: here the duplicate shares the tensor
       (2 GB of a 1B export's peak)."""
@@ -218,22 +219,39 @@ def _lowering_without_copies(folder: Path):
 
     copy_program = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")  # else BackendDetails'
     viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
+    can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
     try:
         NamedDataStore.add_named_data = add_on_disk
         XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
         for module, _ in viewers:
             module._DependencyViewer = _Dependencies
         duplicate_constant_node_pass.copy = _SharingTensors
+        group_partitioner.GroupBasedPartitioner._can_merge_partitions = _can_merge
         yield
     finally:
         NamedDataStore.add_named_data = add
         duplicate_constant_node_pass.copy = copy
+        group_partitioner.GroupBasedPartitioner._can_merge_partitions = can_merge
         if copy_program is None:
             del XnnpackBackend.copy_exported_program_for_preprocess
         else:
             XnnpackBackend.copy_exported_program_for_preprocess = copy_program
         for module, viewer in viewers:
             module._DependencyViewer = viewer
+
+
+def _can_merge(self, p1: int, p2: int, partitions_by_id: dict) -> bool:
+    """ExecuTorch's GroupBasedPartitioner._can_merge_partitions, the same answer: merging two partitions makes a
+    cycle if a user outside them reaches back into them, or if the live graph's own check says so. It tested each
+    of an outside user's transitive users one at a time in Python (a tenth of SmolLM2's int4 export); a set's
+    `isdisjoint` does it in C."""
+    from torch.fx.passes.utils.fuser_utils import validate_partition
+
+    combined = set(partitions_by_id[p1].nodes) | set(partitions_by_id[p2].nodes)
+    outside = {user for node in combined for user in node.users if user not in combined}
+    if any(not self.dependency_viewer.downstreams_of(user).isdisjoint(combined) for user in outside):
+        return False
+    return validate_partition(list(combined))
 
 
 class _SharingTensors:
