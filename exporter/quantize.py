@@ -165,19 +165,19 @@ class OffsetEmbedding(torch.nn.Module):
         return self.table(tokens) + off.unsqueeze(-1).expand(*off.shape, self.group).flatten(-2)
 
 
-def with_offsets(model: torch.nn.Module, group: int) -> torch.nn.Module:
+def with_offsets(model: torch.nn.Module, group: int, linear: type[OffsetLinear] = OffsetLinear) -> torch.nn.Module:
     """A copy whose linear layers and embedding carry affine int4 weights as symmetric weights + offsets
-    (OffsetLinear, OffsetEmbedding); a tied output projection keeps sharing both tensors with the lookup.
-    Offsets are the modules named `offset`: the target's quantizer must leave them in float32."""
+    (`linear`, OffsetEmbedding); a tied output projection keeps sharing both tensors with the lookup.
+    Offsets are the modules named `offset`: the target's 4-bit quantizer must leave them alone."""
     model = copy.deepcopy(model)
     tied = model.lm_head.weight is model.embed_tokens.weight
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, OffsetLinear(module, group))
+            setattr(model.get_submodule(parent) if parent else model, attr, linear(module, group))
     model.embed_tokens = OffsetEmbedding(model.embed_tokens, group)
     if tied:
-        head = OffsetLinear(model.lm_head, group)
+        head = linear(model.lm_head, group)
         head.linear.weight, head.offset.weight = model.embed_tokens.table.weight, model.embed_tokens.offset.weight
         model.lm_head = head
     return model

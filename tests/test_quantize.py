@@ -1,6 +1,7 @@
 """`edgekv export --quantize`: every target, int8 and int4, on a tiny random model (weights that never were
 4-bit) and on SmolLM2; validated by perplexity and top-1 against fp32, and measured for size."""
 
+import collections
 import copy
 import json
 import random
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from exporter.loaders import build_model, load_checkpoint
-from exporter.quantize import affine_int4, affine_round_trip, split_affine, with_offsets
+from exporter.quantize import OffsetLinear, affine_int4, affine_round_trip, split_affine, with_offsets
+from exporter.targets.executorch import XnnpackOffsetLinear
 from exporter.validate import QUANT_BOUNDS
 from tests.conftest import RUNNABLE, edgekv, export_all, make_tiny, one_line_error, two_at_a_time
 
@@ -205,13 +207,15 @@ def test_coreml_codes_live_in_a_file_mapping_whose_pages_can_be_dropped():
     assert np.array_equal(codes, expected.numpy())
 
 
-def test_offsets_compute_the_affine_weights(tmp_path):
-    """with_offsets (what ExecuTorch, ONNX and OpenVINO export) gives the logits of the model whose weights were
-    rounded in place, tied table and output projection included."""
+@pytest.mark.parametrize("linear", [OffsetLinear, XnnpackOffsetLinear])
+def test_offsets_compute_the_affine_weights(tmp_path, linear):
+    """with_offsets (what ExecuTorch, ONNX and OpenVINO export; ExecuTorch's group sums as XNNPACK's mean) gives
+    the logits of the model whose weights were rounded in place, tied table and output projection included."""
     ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128,
                                      tie_word_embeddings=True))
     model = build_model(ckpt, 2, 12, max_chunk=4)
-    split = with_offsets(model, 32)
+    split = with_offsets(model, 32, linear)
+    assert type(split.layers[0].mlp.down_proj) is linear
     assert split.lm_head.linear.weight is split.embed_tokens.table.weight
     rounded = build_model(ckpt, 2, 12, max_chunk=4)
     with torch.no_grad():
@@ -343,6 +347,32 @@ def test_int4_offsets_stay_float_and_every_other_product_is_4_bit(tiny):
     consts = [op for op in ir.get_ordered_ops() if op.get_type_name() == "Constant"]
     # int4 tables (and their zero points): the 15 products' weights and the embedding lookup's, compressed
     assert sum(op.get_element_type() == ov.Type.u4 for op in consts) >= 16
+
+
+def pte_calls(path) -> dict[str, tuple[int, dict[str, int]]]:
+    """Each method of a .pte: its delegate calls and how many times it calls each operator outside them."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(path.read_bytes()).program
+    calls = {}
+    for plan in program.execution_plan:
+        ops = collections.Counter(plan.operators[i.instr_args.op_index].name for chain in plan.chains
+                                  for i in chain.instructions if type(i.instr_args).__name__ == "KernelCall")
+        calls[plan.name] = len(plan.delegates), dict(ops)
+    return calls
+
+
+def test_executorch_int4_keeps_the_partitions_of_fp32(tiny):
+    """ExecuTorch int4: the offsets' group sums and their int8 products run inside XNNPACK
+    (targets/executorch.py: XnnpackOffsetLinear), so decode and prefill are split into no more delegate calls than
+    fp32's (this two-layer model: 4 against fp32's 5; 13 with the sums outside), and the only sums left outside are
+    the rope frames' (one a layer), as in fp32."""
+    out, _ = tiny
+    fp32, int4 = (pte_calls(out / name / "model.pte") for name in ("executorch", "executorch-int4"))
+    for method in ("decode", "prefill"):
+        assert int4[method][0] == 4 and fp32[method][0] == 5, method
+        assert int4[method][1]["aten::sum"] == fp32[method][1]["aten::sum"] == 2, method
+        assert int4[method][1]["quantized_decomposed::embedding_4bit"] == 1
 
 
 def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):

@@ -164,3 +164,34 @@ def test_fp16_range_check_agrees_with_coremltools_rule():
     decided = [(overflows_fp16(c, block=8), coremltools_rule(c)) for c in cases]
     assert [ours for ours, _ in decided] == [theirs for _, theirs in decided]
     assert sum(ours for ours, _ in decided) == 5  # 65505, -7e4, -1e9, and the 7e4 and -1e5 outliers
+
+
+@pytest.mark.parametrize("scheme", [pytest.param("none", marks=pytest.mark.slow), "int4"])
+def test_executorch_skips_a_retrace_without_changing_a_byte(tmp_path, monkeypatch, scheme):
+    """XNNPACK's passes keep a partition they did not change rather than retrace it (targets/executorch.py:
+    _retrace_if_changed): the program is byte for byte the one every pass retraces, and most retraces are
+    skipped."""
+    from executorch.exir.pass_base import ExportPass
+
+    from exporter.quantize import Quantization
+    from exporter.targets import executorch
+
+    ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128))
+    base = manifest_base(ckpt, 2, 6, 4)
+    retraces = {"skipped": 0, "run": 0}
+    skip = executorch._retrace_if_changed
+
+    def counted(self, graph_module):
+        result = skip(self, graph_module)
+        retraces["skipped" if result.graph_module is graph_module else "run"] += 1
+        return result
+
+    programs = {}
+    for name, call in (("skip", counted), ("retrace", ExportPass.call)):
+        monkeypatch.setattr(executorch, "_retrace_if_changed", call)
+        model = build_model(ckpt, 2, 6, max_chunk=4, last_logits_only=True)
+        folder = export_one(model, ckpt, "executorch", tmp_path / name, base, 4, Quantization(scheme))
+        programs[name] = (folder / "model.pte").read_bytes()
+    assert programs["skip"] == programs["retrace"]
+    assert retraces["skipped"] > 2 * retraces["run"] > 0, retraces
+

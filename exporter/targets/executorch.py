@@ -23,11 +23,12 @@ def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
     int8 weights per output channel (8da8w), the forms XNNPACK runs. Embedding: int4/int8 weights in groups,
     fused at to_executorch into quantized_decomposed::embedding_{4bit,byte} (the runtime needs
     ExecuTorch's quantized kernels: `import executorch.kernels.quantized` in Python).
-    int4 is affine: XNNPACK's 4-bit weights are symmetric, so each layer carries symmetric weights plus float32
-    offsets (exporter.quantize.with_offsets); the scale rule that never clips recovers the grid's scale exactly."""
+    int4 is affine: XNNPACK's 4-bit weights are symmetric, so each layer carries symmetric weights plus offsets
+    (exporter.quantize.with_offsets, in XNNPACK's form: XnnpackOffsetLinear); the scale rule that never clips
+    recovers the grid's scale exactly."""
     model = untied(model)
     if quant.bits == 4:
-        model = with_offsets(model, quant.group_size)
+        model = with_offsets(model, quant.group_size, XnnpackOffsetLinear)
     _torchao(model, quant)
     return model
 
@@ -43,11 +44,25 @@ def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
         return _joined([pack(_rows(module, i, i + ROWS), quant) for i in range(0, module.weight.shape[0], ROWS)])
     module = module.float()  # the checkpoint's dtype until now (loaders.build_model); torchao's scales follow it
     if quant.bits == 4:
-        module = (OffsetEmbedding if isinstance(module, torch.nn.Embedding) else OffsetLinear)(module, quant.group_size)
+        kind = OffsetEmbedding if isinstance(module, torch.nn.Embedding) else XnnpackOffsetLinear
+        module = kind(module, quant.group_size)
     holder = torch.nn.Module()  # quantize_ replaces the modules under a parent
     holder.layer = module
     _torchao(holder, quant)
     return holder.layer
+
+
+class XnnpackOffsetLinear(OffsetLinear):
+    """OffsetLinear as XNNPACK runs it whole. The group sums are the mean of a [1, N, group, 1] view over its last
+    two dims times the group (the only reduction XNNPACK delegates; exact scalings for a power of two): as a sum
+    over the last dim they ran outside XNNPACK and split every layer into five partitions (SmolLM2: 153 a method;
+    32 so, fp32 33). The offsets are int8 per output channel with int8 activations (8da8w, _torchao): in float32
+    they were 0.15 GB of the 0.85 GB a 1B int4 step reads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(1, -1, self.group, 1)
+        sums = rows.mean(dim=(-2, -1), keepdim=True) * self.group
+        return self.linear(x) + self.offset(sums.view(*x.shape[:-1], x.shape[-1] // self.group))
 
 
 def _rows(module: torch.nn.Module, start: int, stop: int) -> torch.nn.Module:
@@ -95,12 +110,16 @@ def _torchao(model: torch.nn.Module, quant: Quantization) -> None:
     mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if quant.bits == 4 else MappingType.SYMMETRIC
     linear = PerGroup(quant.group_size) if quant.bits == 4 else PerAxis(0)
 
-    def weights(kind):
-        return lambda m, name: isinstance(m, kind) and not name.endswith("offset")
+    def weights(kind, offsets=False):
+        return lambda m, name: isinstance(m, kind) and name.endswith("offset") == offsets
 
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=linear,
                                                            weight_mapping_type=mapping),
               filter_fn=weights(torch.nn.Linear))
+    if quant.bits == 4:  # XnnpackOffsetLinear's offsets (the lookup's stay float32: one row is read a token)
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0),
+                                                               weight_mapping_type=MappingType.SYMMETRIC),
+                  filter_fn=weights(torch.nn.Linear, offsets=True))
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size),
                                           mapping_type=mapping),
               filter_fn=weights(torch.nn.Embedding))
@@ -149,7 +168,8 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             f"torchao Int8DynamicActivationIntxWeightConfig ({quant.scheme}) + XNNPACK" if quant.bits else "none",
-            {"int4": quant.describe("stored as symmetric int4 + float32 offsets"),
+            {"int4": quant.describe("stored as symmetric int4 + offsets in int8 per output channel (the "
+                                    "embedding's in float32)"),
              "int8": f"int8 symmetric per output channel (embedding: groups of {quant.group_size})",
              }.get(quant.scheme, "float32"),
             "int8 dynamic, per token" if quant.bits else "float32", "float32"),
@@ -193,7 +213,10 @@ def _lowering_without_copies(folder: Path):
       ExecuTorch's merge check asks it with a set operation (_can_merge).
     - A constant used inside and outside a partition (fp32's tied table: the lookup runs outside XNNPACK, the output
       projection inside) is duplicated for each side, once per method: here the duplicate shares the tensor
-      (2 GB of a 1B export's peak)."""
+      (2 GB of a 1B export's peak).
+    - An XNNPACK pass that found nothing to change returns the partition as it was instead of retracing it through
+      fake tensors (_retrace_if_changed)."""
+    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
@@ -220,7 +243,9 @@ def _lowering_without_copies(folder: Path):
     copy_program = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")  # else BackendDetails'
     viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
     can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
+    pass_methods = {name: XNNPACKPass.__dict__.get(name) for name in ("__call__", "call")}
     try:
+        XNNPACKPass.__call__, XNNPACKPass.call = _recording_structure, _retrace_if_changed
         NamedDataStore.add_named_data = add_on_disk
         XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
         for module, _ in viewers:
@@ -229,6 +254,11 @@ def _lowering_without_copies(folder: Path):
         group_partitioner.GroupBasedPartitioner._can_merge_partitions = _can_merge
         yield
     finally:
+        for name, method in pass_methods.items():
+            if method is None:
+                delattr(XNNPACKPass, name)
+            else:
+                setattr(XNNPACKPass, name, method)
         NamedDataStore.add_named_data = add
         duplicate_constant_node_pass.copy = copy
         group_partitioner.GroupBasedPartitioner._can_merge_partitions = can_merge
@@ -252,6 +282,36 @@ def _can_merge(self, p1: int, p2: int, partitions_by_id: dict) -> bool:
     if any(not self.dependency_viewer.downstreams_of(user).isdisjoint(combined) for user in outside):
         return False
     return validate_partition(list(combined))
+
+
+def _structure(graph_module: torch.fx.GraphModule) -> list:
+    """A graph's nodes in order: what they call, on what (nodes by name)."""
+    def name(node):
+        return node.name
+    return [(n.op, n.target, n.name, torch.fx.node.map_arg(n.args, name), torch.fx.node.map_arg(n.kwargs, name))
+            for n in graph_module.graph.nodes]
+
+
+def _recording_structure(self, graph_module: torch.fx.GraphModule):
+    """XNNPACKPass.__call__: the pass runs as before, its input's structure noted first."""
+    from torch.fx.passes.infra.pass_base import PassBase
+
+    self._structure_before = _structure(graph_module)
+    return PassBase.__call__(self, graph_module)
+
+
+def _retrace_if_changed(self, graph_module: torch.fx.GraphModule):
+    """XNNPACKPass.call, which XNNPACK's passes call last (`super().call`) to retrace the partition through fake
+    tensors whether or not they changed it: 17 passes over each partition, a third of an export's time. A pass
+    whose partition has the structure it came with gets it back as it is; the program is byte for byte the same
+    (tests/test_targets.py)."""
+    from executorch.exir.pass_base import ExportPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    unchanged = _structure(graph_module) == getattr(self, "_structure_before", None)
+    if unchanged and type(self).call is not _retrace_if_changed:  # a pass's own call, ending in super().call
+        return PassResult(graph_module, True)
+    return ExportPass.call(self, graph_module)
 
 
 class _SharingTensors:
