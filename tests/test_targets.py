@@ -166,7 +166,8 @@ def test_fp16_range_check_agrees_with_coremltools_rule():
     assert sum(ours for ours, _ in decided) == 5  # 65505, -7e4, -1e9, and the 7e4 and -1e5 outliers
 
 
-@pytest.mark.parametrize("scheme", [pytest.param("none", marks=pytest.mark.slow), "int4"])
+@pytest.mark.slow  # four ExecuTorch exports, 2.5 minutes: beside the slow tier's SmolLM2 matrix, not before it
+@pytest.mark.parametrize("scheme", ["none", "int4"])
 def test_executorch_skips_a_retrace_without_changing_a_byte(tmp_path, monkeypatch, scheme):
     """XNNPACK's passes keep a partition they did not change rather than retrace it (targets/executorch.py:
     _retrace_if_changed): the program is byte for byte the one every pass retraces, and most retraces are
