@@ -206,11 +206,13 @@ def llama_decode_ms(gguf: Path, positions: list[int], flash: bool, threads: int 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=SHAPES, default="1b")
-    ap.add_argument("--targets", default="onnx,openvino,executorch,coreml")
-    ap.add_argument("--schemes", default="int4,none")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekv-scale"))
-    ap.add_argument("--window", type=int, default=124)
+    ap.add_argument("--shape", choices=SHAPES, default="1b",
+                    help="1b: Llama-3.2-1B's shape; 7b: Mistral-7B's (default: %(default)s)")
+    ap.add_argument("--targets", default="onnx,openvino,executorch,coreml", help="comma-separated, run one at a time")
+    ap.add_argument("--schemes", default="int4,none", help="comma-separated: none (fp32; Core ML fp16), int8, int4")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekv-scale"),
+                    help="where the checkpoint (written once, reused) and the artifacts go (default: %(default)s)")
+    ap.add_argument("--window", type=int, default=124, help="the ring's W (S is 4, chunk 64; default: %(default)s)")
     ap.add_argument("--positions", default="1024,4096", help="stream positions to time decode at")
     ap.add_argument("--decode-only", action="store_true", help="reuse artifacts kept by --keep, time decode")
     ap.add_argument("--keep", action="store_true",
@@ -224,7 +226,7 @@ def main() -> None:
     ap.add_argument("--llama-types", default="q4_0",
                     help="llama.cpp quantization types (with --llama-cpp), each timed with flash attention off and on; "
                          "q4_0 is its fastest here (q4_1 took 1.8x its time at 1,024)")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write the rows to this file")
     args = ap.parse_args()
     if args.llama_cpp and not (args.llama_cpp / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
         sys.exit(f"{args.llama_cpp} is not an unpacked llama-cpp-python source distribution (no "
