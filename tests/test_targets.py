@@ -2,6 +2,7 @@
 ring through both entries; the Core ML package has the contract's interface and, run by the NumPy MIL
 executor with Core ML's fp16 semantics, matches the reference within the fp16 bound."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -166,12 +167,13 @@ def test_fp16_range_check_agrees_with_coremltools_rule():
     assert sum(ours for ours, _ in decided) == 5  # 65505, -7e4, -1e9, and the 7e4 and -1e5 outliers
 
 
-@pytest.mark.slow  # four ExecuTorch exports, 2.5 minutes: beside the slow tier's SmolLM2 matrix, not before it
-@pytest.mark.parametrize("scheme", ["none", "int4"])
-def test_executorch_skips_a_retrace_without_changing_a_byte(tmp_path, monkeypatch, scheme):
-    """XNNPACK's passes keep a partition they did not change rather than retrace it (targets/executorch.py:
-    _retrace_if_changed): the program is byte for byte the one every pass retraces, and most retraces are
-    skipped."""
+@pytest.mark.slow  # six ExecuTorch exports, 3.5 minutes: beside the slow tier's SmolLM2 matrix, not before it
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_executorch_shortcuts_do_not_change_a_byte(tmp_path, monkeypatch, scheme):
+    """Two shortcuts through ExecuTorch's lowering (targets/executorch.py): XNNPACK's passes keep a partition they
+    did not change rather than retrace it (_retrace_if_changed), and XNNPACK's ops are kept whole through one
+    decomposition rather than two (_keeping_what_it_takes). The program is byte for byte ExecuTorch's own, most
+    retraces are skipped, and both methods take the one decomposition."""
     from executorch.exir.pass_base import ExportPass
 
     from exporter.quantize import Quantization
@@ -179,20 +181,32 @@ def test_executorch_skips_a_retrace_without_changing_a_byte(tmp_path, monkeypatc
 
     ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128))
     base = manifest_base(ckpt, 2, 6, 4)
-    retraces = {"skipped": 0, "run": 0}
-    skip = executorch._retrace_if_changed
+    taken = collections.Counter()
+    skip, keep = executorch._retrace_if_changed, executorch._keeping_what_it_takes
 
-    def counted(self, graph_module):
+    def counted_skip(self, graph_module):
         result = skip(self, graph_module)
-        retraces["skipped" if result.graph_module is graph_module else "run"] += 1
+        taken["retrace skipped" if result.graph_module is graph_module else "retrace run"] += 1
         return result
 
+    def counted_keep(self, asked, program):
+        ops, check = keep(self, asked, program)
+        taken["unchecked" if check is None else "checked"] += any(
+            n.target in ops for n in program.graph.nodes if n.op == "call_function")
+        return ops, check
+
+    def its_own(self, asked, program):
+        return asked(self, program)
+
     programs = {}
-    for name, call in (("skip", counted), ("retrace", ExportPass.call)):
-        monkeypatch.setattr(executorch, "_retrace_if_changed", call)
+    for name, retrace, ops in (("shortcuts", counted_skip, counted_keep), ("its own", ExportPass.call, its_own)):
+        monkeypatch.setattr(executorch, "_retrace_if_changed", retrace)
+        monkeypatch.setattr(executorch, "_keeping_what_it_takes", ops)
         model = build_model(ckpt, 2, 6, max_chunk=4, last_logits_only=True)
-        folder = export_one(model, ckpt, "executorch", tmp_path / name, base, 4, Quantization(scheme))
+        folder = export_one(model, ckpt, "executorch", tmp_path / name.replace(" ", "-"), base, 4,
+                            Quantization(scheme))
         programs[name] = (folder / "model.pte").read_bytes()
-    assert programs["skip"] == programs["retrace"]
-    assert retraces["skipped"] > 2 * retraces["run"] > 0, retraces
+    assert programs["shortcuts"] == programs["its own"]
+    assert taken["retrace skipped"] > 2 * taken["retrace run"] > 0, taken
+    assert taken["unchecked"] >= 2 and taken["checked"] == 0, taken  # decode and prefill, at least once each
 

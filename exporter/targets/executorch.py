@@ -215,8 +215,11 @@ def _lowering_without_copies(folder: Path):
       projection inside) is duplicated for each side, once per method: here the duplicate shares the tensor
       (2 GB of a 1B export's peak).
     - An XNNPACK pass that found nothing to change returns the partition as it was instead of retracing it through
-      fake tensors (_retrace_if_changed)."""
+      fake tensors (_retrace_if_changed).
+    - Where XNNPACK takes every node of the ops it asks to keep whole, it says so without its per-node check
+      (_keeping_what_it_takes), and ExecuTorch decomposes each method once instead of twice."""
     from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
@@ -244,7 +247,10 @@ def _lowering_without_copies(folder: Path):
     viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
     can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
     pass_methods = {name: XNNPACKPass.__dict__.get(name) for name in ("__call__", "call")}
+    keep_ops = XnnpackPartitioner.__dict__.get("ops_to_not_decompose")
     try:
+        XnnpackPartitioner.ops_to_not_decompose = functools.partialmethod(_keeping_what_it_takes,
+                                                                          XnnpackPartitioner.ops_to_not_decompose)
         XNNPACKPass.__call__, XNNPACKPass.call = _recording_structure, _retrace_if_changed
         NamedDataStore.add_named_data = add_on_disk
         XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
@@ -254,6 +260,10 @@ def _lowering_without_copies(folder: Path):
         group_partitioner.GroupBasedPartitioner._can_merge_partitions = _can_merge
         yield
     finally:
+        if keep_ops is None:
+            del XnnpackPartitioner.ops_to_not_decompose
+        else:
+            XnnpackPartitioner.ops_to_not_decompose = keep_ops
         for name, method in pass_methods.items():
             if method is None:
                 delattr(XNNPACKPass, name)
@@ -282,6 +292,20 @@ def _can_merge(self, p1: int, p2: int, partitions_by_id: dict) -> bool:
     if any(not self.dependency_viewer.downstreams_of(user).isdisjoint(combined) for user in outside):
         return False
     return validate_partition(list(combined))
+
+
+def _keeping_what_it_takes(self, asked, program: torch.export.ExportedProgram):
+    """XnnpackPartitioner.ops_to_not_decompose: the ops it asks ExecuTorch to keep whole (linear, torchao's
+    quantize ops) and a check of each node. With a check, ExecuTorch decomposes each method, marks the nodes that
+    pass, decomposes it again and unmarks them (EDGE_DO_NOT_DECOMP); without one, it keeps the ops through a single
+    decomposition. Where every node of those ops passes the check, the two keep the same nodes; the check is left
+    out then, and one retrace of each method is saved (9 % of an int4 export)."""
+    ops, check = asked(self, program)
+    nodes = [n for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+             for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+    if check is not None and all(check(n) for n in nodes):
+        return ops, None
+    return ops, check
 
 
 def _structure(graph_module: torch.fx.GraphModule) -> list:
