@@ -151,7 +151,7 @@ def two_at_a_time(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedP
 def edgekv(*args: str, timeout: int = 3600, stdin: str | None = None, env: dict | None = None
            ) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process (with `env` added to the environment). The timeout only
-    catches a hang: SmolLM2's ExecuTorch int4 export takes 17 minutes alone and half again beside two others."""
+    catches a hang: SmolLM2's ExecuTorch int4 export takes 7 minutes alone and twice that beside two others."""
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
                           timeout=timeout, input=stdin, env={**os.environ, **(env or {})})
 
