@@ -199,14 +199,13 @@ def test_executorch_shortcuts_do_not_change_a_byte(tmp_path, monkeypatch, scheme
         return asked(self, program)
 
     programs = {}
-    for name, retrace, ops in (("shortcuts", counted_skip, counted_keep), ("its own", ExportPass.call, its_own)):
+    for name, retrace, ops in (("shortcuts", counted_skip, counted_keep), ("own", ExportPass.call, its_own)):
         monkeypatch.setattr(executorch, "_retrace_if_changed", retrace)
         monkeypatch.setattr(executorch, "_keeping_what_it_takes", ops)
         model = build_model(ckpt, 2, 6, max_chunk=4, last_logits_only=True)
-        folder = export_one(model, ckpt, "executorch", tmp_path / name.replace(" ", "-"), base, 4,
-                            Quantization(scheme))
+        folder = export_one(model, ckpt, "executorch", tmp_path / name, base, 4, Quantization(scheme))
         programs[name] = (folder / "model.pte").read_bytes()
-    assert programs["shortcuts"] == programs["its own"]
+    assert programs["shortcuts"] == programs["own"]
     assert taken["retrace skipped"] > 2 * taken["retrace run"] > 0, taken
     assert taken["unchecked"] >= 2 and taken["checked"] == 0, taken  # decode and prefill, at least once each
 

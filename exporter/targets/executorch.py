@@ -243,11 +243,12 @@ def _lowering_without_copies(folder: Path):
         weights = (*program.state_dict.values(), *program.constants.values())
         return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
 
-    copy_program = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")  # else BackendDetails'
+    # Methods a class may define itself or inherit: put back as they were (an inherited one by deleting ours).
+    own = {(cls, name): cls.__dict__.get(name) for cls, name in (
+        (XnnpackPartitioner, "ops_to_not_decompose"), (XNNPACKPass, "__call__"), (XNNPACKPass, "call"),
+        (XnnpackBackend, "copy_exported_program_for_preprocess"))}
     viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
     can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
-    pass_methods = {name: XNNPACKPass.__dict__.get(name) for name in ("__call__", "call")}
-    keep_ops = XnnpackPartitioner.__dict__.get("ops_to_not_decompose")
     try:
         XnnpackPartitioner.ops_to_not_decompose = functools.partialmethod(_keeping_what_it_takes,
                                                                           XnnpackPartitioner.ops_to_not_decompose)
@@ -260,25 +261,16 @@ def _lowering_without_copies(folder: Path):
         group_partitioner.GroupBasedPartitioner._can_merge_partitions = _can_merge
         yield
     finally:
-        if keep_ops is None:
-            del XnnpackPartitioner.ops_to_not_decompose
-        else:
-            XnnpackPartitioner.ops_to_not_decompose = keep_ops
-        for name, method in pass_methods.items():
+        for (cls, name), method in own.items():
             if method is None:
-                delattr(XNNPACKPass, name)
+                delattr(cls, name)
             else:
-                setattr(XNNPACKPass, name, method)
+                setattr(cls, name, method)
         NamedDataStore.add_named_data = add
         duplicate_constant_node_pass.copy = copy
         group_partitioner.GroupBasedPartitioner._can_merge_partitions = can_merge
-        if copy_program is None:
-            del XnnpackBackend.copy_exported_program_for_preprocess
-        else:
-            XnnpackBackend.copy_exported_program_for_preprocess = copy_program
         for module, viewer in viewers:
             module._DependencyViewer = viewer
-
 
 def _can_merge(self, p1: int, p2: int, partitions_by_id: dict) -> bool:
     """ExecuTorch's GroupBasedPartitioner._can_merge_partitions, the same answer: merging two partitions makes a
