@@ -63,20 +63,24 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
 
 
 def _graph_tensors() -> set[int]:
+    return {id(o) for o in _onnx_ir_tensors()}
+
+
+def _onnx_ir_tensors():
+    """Every live onnx_ir tensor. By type, not isinstance: onnx_ir.Tensor is a Protocol, whose isinstance reads
+    `o.__class__`, and that raises on a dead weak proxy among gc's objects (it failed an export at random)."""
     import onnx_ir
 
-    return {id(o) for o in gc.get_objects() if isinstance(o, onnx_ir.Tensor)}
+    return (o for o in gc.get_objects() if issubclass(type(o), onnx_ir.Tensor))
 
 
 def _drop_graph_data(keep: set[int]) -> None:
     """Drop the data of every onnx_ir tensor the export made. torch.onnx.export's graphs outlive it, held from
     outside Python's gc (no path to them from any module), and with them copies of the weights (the folded
     transposes, 1B fp32: 5 GB) that nothing can free otherwise; the file is written, so nothing reads them."""
-    import onnx_ir
-
     gc.collect()
-    for o in gc.get_objects():
-        if isinstance(o, onnx_ir.Tensor) and id(o) not in keep:
+    for o in _onnx_ir_tensors():
+        if id(o) not in keep:
             o._raw = None  # noqa: SLF001 (onnx_ir has no public way to release a tensor's data)
     gc.collect()
 
