@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.loaders import build_model, load_checkpoint  # noqa: E402
 from exporter.quantize import affine_round_trip  # noqa: E402
-from runtimes.cli_ppl import read_tokens, stream_nll  # noqa: E402
+from runtimes.cli_ppl import read_text, read_tokens, stream_nll  # noqa: E402
 from runtimes.manifest import load_tokenizer  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
@@ -50,7 +50,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2000)
     args = p.parse_args()
     ckpt = load_checkpoint()
-    ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), TEXT, args.tokens)
+    ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), read_text(TEXT), args.tokens)
     base = None
     for name, scheme in SCHEMES.items():
         model = build_model(ckpt, 4, 1020, max_chunk=64)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from runtimes.errors import EdgekvError
 from runtimes.manifest import edgekv_version
+from runtimes.stopping import Stopped, exit_code, private_tmp, stop_signals
 
 COMMANDS = {
     "export": ("exporter.export", "export the model with its sink + ring cache to a target format"),
@@ -62,15 +63,16 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        with stop_signals(), private_tmp():
+            return run(sys.argv[1:] if argv is None else argv)
     except EdgekvError as e:
         if os.environ.get("EDGEKV_DEBUG"):
             raise
         print(f"edgekv: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("edgekv: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (runtimes/stopping.py): cleaned up on the way
+        print(f"edgekv: {'stopped by ' + str(stop) if isinstance(stop, Stopped) else 'interrupted'}", file=sys.stderr)
+        return exit_code(stop)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +54,24 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout)."""
+        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout). Every number that sizes
+        something is checked first; anything else malformed is still one line naming config.json, never a
+        traceback (tests/test_inputs.py fuzzes it)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json holds a {type(hf).__name__}, not an object of fields")
+        check_sizes(hf)
+        try:
+            cfg = cls._from_hf(hf)
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as e:
+            what = f"has no field {e}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
+            raise ConfigError(f"config.json {what}; fix it or re-download the checkpoint") from None
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(f"config.json: num_attention_heads {cfg.num_heads} is not a multiple of "
+                              f"num_key_value_heads {cfg.num_kv_heads}")
+        return cfg
+
+    @classmethod
+    def _from_hf(cls, hf: dict) -> ModelConfig:
         model_type = hf.get("model_type")
         if model_type == "gemma3":
             raise ConfigError("this is a multimodal Gemma 3 checkpoint; export its text model (model_type "
@@ -170,6 +188,28 @@ class ModelConfig:
         return math.sqrt(1 + math.log(factor) / math.log(old)) if factor > 1 else 1.0
 
 
+# Fields that size tensors or tables: (required, upper bound). A bound far above any real model's keeps an
+# allocation from ever being sized by an unchecked number; the weights' shapes are checked against them next.
+SIZE_FIELDS = {
+    "vocab_size": (True, 1 << 24), "hidden_size": (True, 1 << 16), "intermediate_size": (True, 1 << 18),
+    "num_hidden_layers": (True, 1024), "num_attention_heads": (True, 1024), "num_key_value_heads": (False, 1024),
+    "head_dim": (False, 4096), "max_position_embeddings": (False, 1 << 24), "sliding_window": (False, 1 << 24),
+    "original_max_position_embeddings": (False, 1 << 24), "query_pre_attn_scalar": (False, 1 << 16),
+}
+
+
+def check_sizes(hf: dict) -> None:
+    """Each size field is a positive integer within its bound (None where optional)."""
+    for key, (required, bound) in SIZE_FIELDS.items():
+        value = hf.get(key)
+        if value is None and not required:
+            continue
+        if value is None:
+            raise ConfigError(f"config.json has no {key}; is this a decoder LLM's config?")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bound:
+            raise ConfigError(f"config.json: {key} = {value!r} is not an integer in 1..{bound}")
+
+
 def _rope_parameters(hf: dict, gemma: bool) -> tuple[dict, dict]:
     """(global, sliding-layer) rotary parameters with rope_theta and rope_type, from either config layout:
     transformers 5 folds rope_theta and rope_scaling into rope_parameters, nested per layer type for Gemma 3."""
@@ -204,6 +244,14 @@ def _llama3_inv_freq(inv: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def physical_memory() -> int:
+    """Bytes of RAM (POSIX; a large number where unknown, so that nothing is refused on a guess)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def cache_sizes(cfg: ModelConfig, sink: int | None, window: int | None, allow_long: bool = False) -> tuple[int, int]:
     """Resolve `--sink`/`--window` defaults and refuse a cache longer than the trained context."""
     import warnings
@@ -214,6 +262,11 @@ def cache_sizes(cfg: ModelConfig, sink: int | None, window: int | None, allow_lo
         window = min(window, cfg.trained_context - sink)
     if sink < 0 or window < 1:
         raise ConfigError(f"need --sink >= 0 and --window >= 1, got sink={sink} window={window}")
+    slots = max(sink + window, cfg.local_window or 0)
+    cache = 2 * cfg.num_layers * cfg.num_kv_heads * slots * cfg.head_dim * 4
+    if cache > physical_memory():  # checked before anything is allocated: a typo'd --window is one line, not a crash
+        raise ConfigError(f"a {slots}-slot cache takes {cache / 1e9:.1f} GB, more than this machine's "
+                          f"{physical_memory() / 1e9:.1f} GB of memory; lower --window")
     if sink + window > cfg.trained_context:
         msg = (
             f"sink + window = {sink + window} exceeds the model's trained context "

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from exporter.config import cache_sizes
 from exporter.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, NONE, SCHEMES, Quantization, check_quantization
 from exporter.targets import TARGETS, ExportSpec, Packer, target_module
+from runtimes.cli_ppl import read_text
 from runtimes.errors import EdgekvError
 from runtimes.manifest import (
     FORMAT_VERSION,
@@ -25,6 +27,7 @@ from runtimes.manifest import (
     special_tokens,
 )
 from runtimes.progress import Progress, captured
+from runtimes.stopping import remove_stale
 
 DEFAULT_CHUNK = 64
 PREFIX = "prefix.safetensors"  # the initial session of an artifact exported with --system-prompt
@@ -67,11 +70,18 @@ def main(args: argparse.Namespace) -> int:
     targets = list(TARGETS) if args.target == "all" else [args.target]
     quant = Quantization(args.quantize, args.group_size)
     folders = {t: args.out / (t if quant.scheme == "none" else f"{t}-{quant.scheme}") for t in targets}
+    log = Progress("export")
+    log(f"exporting {args.model or 'the embedded SmolLM2-135M'} to {', '.join(map(str, folders.values()))}")
+    # Everything a user passed is checked before the model loads: a mistake costs a second, not an export.
     if args.chunk < 1:
         raise EdgekvError(f"--chunk must be >= 1, got {args.chunk}")
-    for folder in folders.values():  # refuse before any work starts
+    check_output(args.out)
+    for folder in folders.values():
         if folder.exists() and not args.force:
             raise EdgekvError(f"{folder} exists; pass --force to replace it or choose another --out")
+    system = read_text(args.system_prompt, "--system-prompt").strip() if args.system_prompt else None
+    if args.system_prompt and not system:
+        raise EdgekvError(f"--system-prompt {args.system_prompt} is empty")
 
     # Folders this command creates for OUT, deepest first: removed again (when empty) if it fails or is interrupted.
     # Artifacts already finished by `--target all` stay: each is whole.
@@ -81,9 +91,8 @@ def main(args: argparse.Namespace) -> int:
         with captured():
             from exporter.loaders import build_model, load_checkpoint
 
-            log = Progress("export")
             ckpt = load_checkpoint(args.model)
-            prefix = pinned_prompt(args.system_prompt, ckpt.tokenizer_dir) if args.system_prompt else None
+            prefix = pinned_prompt(system, ckpt.tokenizer_dir) if system else None
             # A pinned prompt fills the sink: its first tokens are the attention sinks, the rest stays attended.
             sink = max(args.sink if args.sink is not None else 4, len(prefix["ids"])) if prefix else args.sink
             sink, window = cache_sizes(ckpt.config, sink, args.window, args.allow_long_context)
@@ -136,15 +145,21 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
     }
 
 
-def pinned_prompt(path: Path, tokenizer_dir: Path) -> dict:
-    """The system prompt in FILE as the chat will hold it: the template's rendering and its tokens."""
+def check_output(out: Path) -> None:
+    """--out is a folder edgekv can write in, or can be made: never a file, nor under one."""
+    for d in (out, *out.parents):
+        if d.exists():
+            if not d.is_dir():
+                raise EdgekvError(f"--out {out}: {d} is a file, not a folder; choose another --out")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise EdgekvError(f"--out {out}: {d} is not writable; choose another --out")
+            return
+
+
+def pinned_prompt(system: str, tokenizer_dir: Path) -> dict:
+    """The system prompt as the chat will hold it: the template's rendering and its tokens."""
     from runtimes.chat import ChatTemplate
 
-    if not path.is_file():
-        raise EdgekvError(f"--system-prompt {path}: no such file")
-    system = path.read_text().strip()
-    if not system:
-        raise EdgekvError(f"--system-prompt {path} is empty")
     rendered = ChatTemplate(tokenizer_dir).render([{"role": "system", "content": system}],
                                                   add_generation_prompt=False)
     ids = load_tokenizer(tokenizer_dir).encode(rendered, add_special_tokens=False).ids
@@ -184,6 +199,7 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
     log = Progress(target)
     log(f"exporting to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, re.escape(f".{out.name}.tmp-") + r"(\d+)")  # left by an export that was killed
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import struct
@@ -38,6 +39,7 @@ class Checkpoint:
     tokenizer_dir: Path  # tokenizer.json (+ tokenizer_config.json with the chat template)
     kind: str  # "hf" or "gguf"
     reader: object = field(default=None, repr=False, compare=False)  # a GGUF file's, while `opened`
+    gguf_headers: list = field(default_factory=list, repr=False)  # read when the file was opened
 
     @contextmanager
     def opened(self):
@@ -62,6 +64,17 @@ class Checkpoint:
         for f in self.files:
             yield from _safetensors(f, want)
 
+    def headers(self) -> Iterator[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(Hugging Face name, dtype, shape) of every tensor from the files' headers alone (a GGUF's: float32, as
+        dequantized)."""
+        if self.kind == "gguf":
+            yield from self.gguf_headers
+            return
+        for f in self.files:
+            with open(f, "rb") as fh:
+                for name, (dtype, shape, *_) in _safetensors_header(fh, f)[1].items():
+                    yield name, dtype, shape
+
     def weights_hash(self) -> str:
         h = hashlib.sha256()
         for f in self.files:
@@ -76,29 +89,48 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
                        "BOOL": torch.bool}
 
 
+def _safetensors_header(fh, path: Path) -> tuple[int, dict]:
+    """(where the data starts, {name: (dtype, shape, begin, end)}) of an open .safetensors file (the format: an
+    8-byte header length, a JSON header of dtype, shape and byte offsets, the data), every entry checked against
+    the file's size before anything is allocated by it."""
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if length > size - 8:  # e.g. a Git LFS pointer left by a clone without git-lfs
+            raise ValueError
+        header = json.loads(fh.read(length))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError):
+        raise LoadError(f"{path}: not a readable .safetensors file (a Git LFS pointer? run `git lfs pull`)") from None
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+            entry, dict) else (None, None, None)
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise LoadError(f"{path}: {name} has dtype {dtype!r}, which edgekv does not read")
+        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] <= size - 8 - length
+                and math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize == offsets[1] - offsets[0]):
+            raise LoadError(f"{path}: {name}'s shape or offsets do not match the file; the file is damaged")
+        entries[name] = (_SAFETENSORS_DTYPES[dtype], tuple(shape), *offsets)
+    return 8 + length, entries
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
 def _safetensors(path: Path, want=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a .safetensors file, each read into memory of its own (the format: an 8-byte header length, a
-    JSON header of dtype, shape and byte offsets, the data). Read, not memory-mapped: a mapping keeps every page
-    it touched resident, which counted a whole 2 GB shard in the export's memory."""
+    """The tensors of a .safetensors file, each read into memory of its own. Read, not memory-mapped: a mapping
+    keeps every page it touched resident, which counted a whole 2 GB shard in the export's memory."""
     with open(path, "rb") as fh:
-        try:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > os.fstat(fh.fileno()).st_size - 8:  # e.g. a Git LFS pointer left by a clone without git-lfs
-                raise ValueError
-            header = json.loads(fh.read(length))
-        except (struct.error, ValueError, UnicodeDecodeError):
-            raise LoadError(f"{path}: not a readable .safetensors file (a Git LFS pointer? run `git lfs pull`)"
-                            ) from None
-        start = 8 + length
-        for name, entry in header.items():
-            if name == "__metadata__" or not want(name):
+        start, entries = _safetensors_header(fh, path)
+        for name, (dtype, shape, begin, end) in entries.items():
+            if not want(name):
                 continue
-            if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise LoadError(f"{path}: {name} has dtype {entry.get('dtype')}, which edgekv does not read")
-            begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-            if tensor.numel() * tensor.element_size() != end - begin:
-                raise LoadError(f"{path}: {name}'s size does not match its shape; the file is damaged")
+            tensor = torch.empty(shape, dtype=dtype)
             fh.seek(start + begin)
             if fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
                 raise LoadError(f"{path}: {name} is cut short; the file is damaged")
@@ -211,37 +243,55 @@ def _load_gguf(path: Path) -> Checkpoint:
     except Exception as e:
         raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
-    if arch not in _GGUF_ARCH:
+    if not isinstance(arch, str) or arch not in _GGUF_ARCH:
         raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r}; edgekv supports {', '.join(_GGUF_ARCH)}")
-    names = {t.name: t for t in reader.tensors}
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    if any(n.startswith("rope_factors") for n in names):
-        raise ConfigError(f"{path}: GGUF longrope factors are not read; use the Hugging Face folder instead")
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
-    extra = {}
-    if arch == "gemma3":  # what the GGUF does not record takes transformers' defaults, as its loader does
-        extra["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
-    if arch == "phi3" and _field(reader, "phi3.rope.dimension_count") is not None:
-        extra["partial_rotary_factor"] = int(_field(reader, "phi3.rope.dimension_count")) / head_dim
-    hf = {**extra,
-        "model_type": _GGUF_ARCH[arch],
-        "vocab_size": int(names["token_embd.weight"].shape[1]),
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in names,
-    }
+    try:  # a field missing or of the wrong type: the file is not a model edgekv reads
+        names = {t.name: t for t in reader.tensors}
+        heads = int(_field(reader, f"{arch}.attention.head_count"))
+        hidden = int(_field(reader, f"{arch}.embedding_length"))
+        if any(n.startswith("rope_factors") for n in names):
+            raise ConfigError(f"{path}: GGUF longrope factors are not read; use the Hugging Face folder instead")
+        head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+        extra = {}
+        if arch == "gemma3":  # what the GGUF does not record takes transformers' defaults, as its loader does
+            extra["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
+        if arch == "phi3" and _field(reader, "phi3.rope.dimension_count") is not None:
+            extra["partial_rotary_factor"] = int(_field(reader, "phi3.rope.dimension_count")) / head_dim
+        hf = {**extra,
+            "model_type": _GGUF_ARCH[arch],
+            "vocab_size": int(names["token_embd.weight"].shape[1]),
+            "hidden_size": hidden,
+            "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+            "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+            "head_dim": head_dim,
+            "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in names,
+        }
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise LoadError(f"{path}: its GGUF metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
         raise ConfigError(f"{path}: GGUF rope scaling is not supported; use the Hugging Face folder instead")
+    headers = [(name, torch.float32, tuple(int(d) for d in reversed(t.shape))) for t, name in _gguf_names(reader)]
     del reader
-    return Checkpoint(str(path), ModelConfig.from_hf(hf), [path], _gguf_tokenizer_dir(path), "gguf")
+    return Checkpoint(str(path), ModelConfig.from_hf(hf), [path], _gguf_tokenizer_dir(path), "gguf",
+                      gguf_headers=headers)
+
+
+def _gguf_names(reader) -> Iterator[tuple[object, str]]:
+    """(GGUF tensor, its Hugging Face name) for the tensors edgekv reads."""
+    arch = _field(reader, "general.architecture")
+    block = {**_GGUF_BLOCK, **_GGUF_BLOCK_ARCH.get(arch, {})}
+    for t in reader.tensors:
+        name = _GGUF_NAMES.get(t.name)
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+        if m and m.group(2) in block:
+            name = f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
+        if name is not None:
+            yield t, name
 
 
 def _gguf_tensors(path: Path, cfg: ModelConfig, want=lambda name: True, reader=None
@@ -250,14 +300,11 @@ def _gguf_tensors(path: Path, cfg: ModelConfig, want=lambda name: True, reader=N
 
     reader = reader or GGUFReader(path)
     arch = _field(reader, "general.architecture")
-    block = {**_GGUF_BLOCK, **_GGUF_BLOCK_ARCH.get(arch, {})}
-    for t in reader.tensors:
-        name = _GGUF_NAMES.get(t.name)
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
-        if m and m.group(2) in block:
-            name = f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
-        if name is None or not want(name):
+    for t, name in _gguf_names(reader):
+        if not want(name):
             continue
+        part = re.fullmatch(r"blk\.\d+\.(\w+)\.\w+", t.name)
+        part = part and part.group(1)
         shape = tuple(int(d) for d in reversed(t.shape))
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             array = t.data.reshape(shape)
@@ -265,8 +312,8 @@ def _gguf_tensors(path: Path, cfg: ModelConfig, want=lambda name: True, reader=N
             array = dequantize(t.data, t.tensor_type).reshape(shape)
         w = torch.from_numpy(array.copy())
         # llama.cpp permutes q/k rows of llama-architecture models for its interleaved rotary.
-        if cfg.model_type == "llama" and m and m.group(2) in ("attn_q", "attn_k"):
-            heads = cfg.num_heads if m.group(2) == "attn_q" else cfg.num_kv_heads
+        if cfg.model_type == "llama" and part in ("attn_q", "attn_k"):
+            heads = cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp stores Gemma's norms as 1 + w; back to the checkpoint's w, as transformers does
@@ -282,7 +329,10 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
         return cache
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers' GGUF reader raises many types on a file it cannot read
+        raise LoadError(f"{path}: could not read its tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
     tmp = cache.with_name(key + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
     tmp.replace(cache) if not cache.exists() else None
@@ -315,6 +365,9 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
     def selected(key: str) -> bool:
         return only is None or key.startswith(only)
 
+    params = dict(model.named_parameters(remove_duplicate=False))
+    check_weights(ckpt, params, selected)  # before anything is allocated: the config's sizes are the tensors'
+
     for name, module in model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         if name not in packed and (not own or any(selected(k) for k in own)):
@@ -323,18 +376,11 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
     params = dict(model.named_parameters(remove_duplicate=False))
     owner = {f"{n}.{p}": n for n, m in packed.items() for p, _ in m.named_parameters(recurse=False)}
     stream = {id(m) for layer in model.layers for m in layer.stream_outputs()}
-    missing = {n for n in params if selected(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
     for name, tensor in ckpt.tensors(only):
         for key, part in unfuse(name.removeprefix("model."), tensor, cfg):
-            if key not in params:
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a {cfg.model_type} checkpoint?")
-            if tuple(part.shape) != tuple(params[key].shape):
-                want = tuple(params[key].shape)
-                raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, the config implies {want}")
+            if key not in params:  # rotary_emb.inv_freq (check_weights let nothing else through)
+                continue
             if key in owner and owner[key] not in packed:  # a tied table read twice (embedding and lm_head): packed
-                missing.discard(key)
                 continue
             module_name, _, attr = key.rpartition(".")
             module = model.get_submodule(module_name)
@@ -346,13 +392,38 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
                         model.embed_tokens.weight = model.lm_head.weight = weight
                 else:
                     params[key].copy_(fold(cfg, module, id(module) in stream, part.to(params[key].dtype)))
-            missing.discard(key)
             if key in owner:
                 _pack_loaded(model, packed, owner[key], pack)
-    if missing:
-        raise LoadError(f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}")
     model.packed = pack.quant if pack is not None else None
     return model.eval()
+
+
+def check_weights(ckpt: Checkpoint, params: dict, selected=lambda key: True) -> None:
+    """The checkpoint holds the tensors the config implies, of those shapes, in a floating dtype: read from its
+    headers, so that a config.json that disagrees with its weights is one line naming the tensor, not a crash of
+    an allocation sized by the config."""
+    cfg = ckpt.config
+    missing = {n for n in params if selected(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
+    for name, dtype, shape in ckpt.headers():
+        try:
+            parts = unfuse(name.removeprefix("model."), torch.empty(shape, dtype=dtype, device="meta"), cfg)
+        except RuntimeError:  # a fused tensor whose rows are not q + k + v
+            raise LoadError(f"{ckpt.source}: {name} has shape {shape}, which the config's sizes do not split") from None
+        for key, part in parts:
+            if key not in params:
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a {cfg.model_type} checkpoint "
+                                "with this config.json?")
+            if tuple(part.shape) != tuple(params[key].shape):
+                raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, but config.json implies "
+                                f"{tuple(params[key].shape)}; the config does not match the weights")
+            if not dtype.is_floating_point:
+                raise LoadError(f"{ckpt.source}: {key} is {str(dtype).removeprefix('torch.')}, not a float tensor")
+            missing.discard(key)
+    if missing:
+        raise LoadError(f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}; the config implies more "
+                        f"({cfg.num_layers} layers) than the weights hold")
 
 
 def _pack_loaded(model: StreamingLM, packed: dict, name: str, pack) -> None:

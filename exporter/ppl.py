@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from exporter.config import cache_sizes
-from runtimes.cli_ppl import adds_bos, read_tokens, report, stream_nll
+from runtimes.cli_ppl import adds_bos, read_text, read_tokens, report, stream_nll
 from runtimes.errors import EdgekvError
 from runtimes.manifest import load_tokenizer
+from runtimes.progress import Progress
 
 
 def eager_nll(ckpt, ids: list[int], sink: int, window: int, chunk: int, desc: str) -> np.ndarray:
+    import torch
+
     from exporter.loaders import build_model
 
     model = build_model(ckpt, sink, window, max_chunk=chunk)
@@ -29,9 +31,11 @@ def eager_nll(ckpt, ids: list[int], sink: int, window: int, chunk: int, desc: st
 def main(args: argparse.Namespace) -> int:
     from exporter.loaders import load_checkpoint
 
+    text = read_text(args.text)
+    Progress("ppl")(f"loading {args.model or 'the default model'}")
     ckpt = load_checkpoint(args.model)
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-    ids = read_tokens(tokenizer, args.text, args.tokens)
+    ids = read_tokens(tokenizer, text, args.tokens, args.text)
     sink, window = cache_sizes(ckpt.config, args.sink, args.window, args.allow_long_context)
     mode = args.mode
     if mode == "dense" and len(ids) > ckpt.config.max_position_embeddings and not args.allow_long_context:

@@ -6,17 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from runtimes.cli_ppl import DEFAULT_TEXT, read_tokens
+from runtimes.cli_ppl import DEFAULT_TEXT, read_text, read_tokens
 from runtimes.errors import EdgekvError
 from runtimes.manifest import load_tokenizer, read_manifest
-from runtimes.progress import Bar, captured
+from runtimes.progress import Bar, Progress, captured
 
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
@@ -109,14 +108,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from exporter.loaders import build_model, load_checkpoint
-    from exporter.reference import streamed_logits
-    from runtimes import open_artifact
-
+    log = Progress("validate")
+    log(f"checking {args.artifact}")  # within a second: loading torch and the model comes next
+    text = read_text(args.text)
     manifest = read_manifest(args.artifact)
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]
     # Three wraps of the ring, and three laps of a hybrid model's local ring.
     n = args.tokens or max(sink + 3 * window, 3 * (manifest.get("local") or {}).get("window", 0)) + chunk
+    log(f"{target} artifact, S={sink} W={window}: {n} tokens through it, the eager reference and a cross-check; "
+        f"loading {args.model or manifest['source']['model']}")
+
+    from exporter.config import physical_memory
+    from exporter.loaders import build_model, load_checkpoint
+    from exporter.reference import streamed_logits
+    from runtimes import open_artifact
+
     scheme = manifest.get("quantization", {}).get("scheme", "none")
     if args.onnx and scheme != "none":
         raise EdgekvError("--onnx is for unquantized artifacts; compare a quantized one with --unquantized DIR")
@@ -137,7 +143,7 @@ def measure(args: argparse.Namespace) -> dict:
     if ckpt.weights_hash() != manifest["source"]["weights_sha256"]:
         raise EdgekvError(f"{ckpt.source} has other weights than {args.artifact} was exported from; "
                           "pass that model with --model, or re-export")
-    ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), args.text, n)
+    ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), text, n, args.text)
     if len(ids) < n:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
     calls = schedule(n, sink + window, chunk)
@@ -169,6 +175,8 @@ def measure(args: argparse.Namespace) -> dict:
         from exporter.export import export_one, manifest_base
 
         if cross:
+            if not given:
+                log(f"exporting the {check} model to compare with")
             folder = given or export_one(build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True),
                                          ckpt, check, Path(tmp) / check, manifest_base(ckpt, sink, window, chunk),
                                          chunk)
@@ -250,14 +258,6 @@ def float_bytes(cfg) -> int:
     with torch.device("meta"):
         model = StreamingLM(cfg, 1, 1, 1)
     return 4 * sum(p.numel() for p in model.parameters())
-
-
-def physical_memory() -> int:
-    """Bytes of RAM (POSIX; a large number where unknown, so that nothing is skipped on a guess)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 def mil_runner(folder: Path):

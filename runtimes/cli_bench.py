@@ -57,9 +57,9 @@ def peak_rss_mb() -> float:
 
 def stream_ids(tokenizer, n: int) -> list[int]:
     """n token ids of the shipped text, repeated as often as needed (content does not change speed)."""
-    from runtimes.cli_ppl import DEFAULT_TEXT, read_tokens
+    from runtimes.cli_ppl import DEFAULT_TEXT, read_text, read_tokens
 
-    ids = read_tokens(tokenizer, DEFAULT_TEXT, 8192)
+    ids = read_tokens(tokenizer, read_text(DEFAULT_TEXT), 8192, DEFAULT_TEXT)
     return np.resize(np.asarray(ids), n).tolist()
 
 

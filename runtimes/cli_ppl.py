@@ -35,18 +35,30 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def read_tokens(tokenizer, text_file: Path, n: int) -> list[int]:
+def read_text(path: Path, flag: str = "--text") -> str:
+    """A UTF-8 text file's contents, or one line saying why it is not one: checked before any model loads."""
+    if not path.is_file():
+        raise EdgekvError(f"{flag} {path}: no such text file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgekvError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "convert it, e.g. `iconv -t UTF-8`") from None
+    if "\0" in text:
+        raise EdgekvError(f"{flag} {path} holds NUL bytes: a binary file, not text")
+    return text
+
+
+def read_tokens(tokenizer, text: str, n: int, name: object = "the text") -> list[int]:
     """The first n tokens of the text, with what the tokenizer itself adds in front (Gemma: BOS, on which its
     attention sink sits; SmolLM2: nothing)."""
-    if not text_file.is_file():
-        raise EdgekvError(f"{text_file}: no such text file")
-    # Tokenize a prefix generous enough for n tokens rather than the whole file.
-    text = text_file.read_text(encoding="utf-8", errors="replace")
+    # Tokenize a prefix generous enough for n tokens rather than the whole text.
     ids = tokenizer.encode(text[: max(64, n * 16)]).ids
     if len(ids) < n:
         ids = tokenizer.encode(text).ids
     if len(ids) < 2:
-        raise EdgekvError(f"{text_file}: need at least 2 tokens of text")
+        raise EdgekvError(f"{name}: need at least 2 tokens of text")
     return ids[:n]
 
 
@@ -104,8 +116,9 @@ def main(args: argparse.Namespace) -> int:
         raise EdgekvError("pass an artifact folder (without one, `edgekv ppl` runs the eager model: exporter/ppl.py)")
     from runtimes import open_artifact
 
+    text = read_text(args.text)
     runner = open_artifact(args.artifact)
-    ids = read_tokens(runner.tokenizer, args.text, args.tokens)
+    ids = read_tokens(runner.tokenizer, text, args.tokens, args.text)
     nll = stream_nll(runner.feed_all_logits, ids, 1, "ppl")
     sink, window = runner.manifest["sink"], runner.manifest["window"]
     return report(args, ids, nll, "sink" if sink else "window", sink, window, sink + window,

@@ -93,10 +93,10 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_text_ids(smollm2):
-    from runtimes.cli_ppl import read_tokens
+    from runtimes.cli_ppl import read_text, read_tokens
     from runtimes.manifest import load_tokenizer
 
-    return read_tokens(load_tokenizer(smollm2.tokenizer_dir), TEXT, 2000)
+    return read_tokens(load_tokenizer(smollm2.tokenizer_dir), read_text(TEXT), 2000)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 from exporter.loaders import GEMMA3_270M, build_model, load_checkpoint
 from exporter.model import StreamingLM
 from exporter.reference import ReferenceRunner
-from runtimes.cli_ppl import adds_bos, read_tokens, stream_nll, summarize
+from runtimes.cli_ppl import adds_bos, read_text, read_tokens, stream_nll, summarize
 from runtimes.generate import generate
 from runtimes.manifest import load_tokenizer
 from tests.conftest import TEXT, edgekv
@@ -26,7 +26,7 @@ LITERAL = {"dense": (42.67, 44.34), "sink": (43.07, 44.91), "window": (55.40, 62
 def gemma():
     ckpt = load_checkpoint(GEMMA3_270M)
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-    ids = read_tokens(tokenizer, TEXT, 2000)
+    ids = read_tokens(tokenizer, read_text(TEXT), 2000)
     return ckpt, tokenizer, ids, build_model(ckpt, 4, 508, max_chunk=64)
 
 
