@@ -62,6 +62,10 @@ class ModelConfig:
         check_sizes(hf)
         try:
             cfg = cls._from_hf(hf)
+            # The rotary tables from these fields, now: a missing factor is a line naming it, not a crash at build.
+            for local in (False, True) if cfg.local_window else (False,):
+                if not (torch.isfinite(cfg.inv_freq(local)).all() and math.isfinite(cfg.rope_gain(local))):
+                    raise ConfigError("config.json: its rotary parameters give non-finite frequencies")
         except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as e:
             what = f"has no field {e}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
             raise ConfigError(f"config.json {what}; fix it or re-download the checkpoint") from None
@@ -89,6 +93,8 @@ class ModelConfig:
         n = hf["num_hidden_layers"]
         global_rope, local_rope = _rope_parameters(hf, gemma)
         partial = float(global_rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        if not 0 < partial <= 1:
+            raise ConfigError(f"config.json: partial_rotary_factor {partial} is not in (0, 1]")
         rotary_dim = int(head_dim * partial)
         if rotary_dim % 2 or rotary_dim < 2:
             raise ConfigError(f"partial_rotary_factor {partial} gives {rotary_dim} rotary dims; need an even number")

@@ -228,6 +228,8 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: the temporary folder goes, one line stays
+        raise EdgekvError(f"writing {out} failed: {e.strerror or e}{disk_hint(out.parent)}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
