@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtimes.errors import EdgekvError, EdgekvWarning
+from runtimes.slots import DEFAULT_SINK, DEFAULT_WINDOW
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -262,9 +263,9 @@ def cache_sizes(cfg: ModelConfig, sink: int | None, window: int | None, allow_lo
     """Resolve `--sink`/`--window` defaults and refuse a cache longer than the trained context."""
     import warnings
 
-    sink = 4 if sink is None else sink
+    sink = DEFAULT_SINK if sink is None else sink
     if window is None:
-        window = min(1020, cfg.sliding_window) if cfg.sliding_window else 1020
+        window = min(DEFAULT_WINDOW, cfg.sliding_window or DEFAULT_WINDOW)
         window = min(window, cfg.trained_context - sink)
     if sink < 0 or window < 1:
         raise ConfigError(f"need --sink >= 0 and --window >= 1, got sink={sink} window={window}")

@@ -27,6 +27,7 @@ from runtimes.manifest import (
     special_tokens,
 )
 from runtimes.progress import Progress, captured
+from runtimes.slots import DEFAULT_SINK, DEFAULT_WINDOW
 from runtimes.stopping import remove_stale
 
 DEFAULT_CHUNK = 64
@@ -36,8 +37,9 @@ PREFIX = "prefix.safetensors"  # the initial session of an artifact exported wit
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, choices=[*TARGETS, "all"], help="format to export to")
     p.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--sink", type=int, help="sink slots S (default 4)")
-    p.add_argument("--window", type=int, help="window slots W (default 1020 or the model's sliding_window)")
+    p.add_argument("--sink", type=int, help=f"sink slots S (default {DEFAULT_SINK})")
+    p.add_argument("--window", type=int,
+                   help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"tokens per prefill call (default {DEFAULT_CHUNK})")
     p.add_argument("--quantize", choices=SCHEMES, default="none",
@@ -94,7 +96,10 @@ def main(args: argparse.Namespace) -> int:
             ckpt = load_checkpoint(args.model)
             prefix = pinned_prompt(system, ckpt.tokenizer_dir) if system else None
             # A pinned prompt fills the sink: its first tokens are the attention sinks, the rest stays attended.
-            sink = max(args.sink if args.sink is not None else 4, len(prefix["ids"])) if prefix else args.sink
+            if prefix:
+                sink = max(DEFAULT_SINK if args.sink is None else args.sink, len(prefix["ids"]))
+            else:
+                sink = args.sink
             sink, window = cache_sizes(ckpt.config, sink, args.window, args.allow_long_context)
             check_quantization(quant, ckpt.config)
             log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "

@@ -16,6 +16,7 @@ import numpy as np
 
 from runtimes.errors import EdgekvError
 from runtimes.progress import Bar
+from runtimes.slots import DEFAULT_SINK, DEFAULT_WINDOW
 
 MODES = ("sink", "window", "dense")
 DEFAULT_TEXT = Path(__file__).with_name("data") / "shakespeare-excerpt.txt"  # package data: a wheel ships it
@@ -25,8 +26,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", nargs="?", type=Path, help="an exported edgekv folder (default: run the eager model)")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
     p.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--sink", type=int, help="sink slots S (default 4)")
-    p.add_argument("--window", type=int, help="window slots W (default 1020 or the model's sliding_window)")
+    p.add_argument("--sink", type=int, help=f"sink slots S (default {DEFAULT_SINK})")
+    p.add_argument("--window", type=int,
+                   help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)")
     p.add_argument("--mode", choices=MODES, default="sink",
                    help="sink: the contract; window: same cache with S=0; dense: unmodified model, full cache")
     p.add_argument("--tokens", type=int, default=2000, help="score the first N tokens of the text (default 2000)")

@@ -6,6 +6,9 @@ graphs compute the same rule with tensors (exporter/cache.py); runners use this 
 
 from __future__ import annotations
 
+# The contract's defaults: 4 sinks (StreamingLM's choice) and a 1,020-slot ring, a 1,024-slot cache in all.
+DEFAULT_SINK, DEFAULT_WINDOW = 4, 1020
+
 
 def slot_of(p: int, sink: int, window: int) -> int:
     """The slot token `p` is written to."""

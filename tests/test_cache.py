@@ -8,10 +8,10 @@ from runtimes.slots import slot_of
 
 
 def simulate(n_tokens: int, sink: int, window: int) -> list[int]:
-    """Write tokens 0..n-1 one by one into S + W slots by the rule; return what each slot holds."""
+    """Write tokens 0..n-1 one by one into S + W slots by the rule (runtimes/slots.py); return what each holds."""
     slots = [-1] * (sink + window)
     for p in range(n_tokens):
-        slots[p if p < sink else sink + (p - sink) % window] = p
+        slots[slot_of(p, sink, window)] = p
     return slots
 
 
@@ -31,8 +31,13 @@ def test_slot_positions_match_simulation(sink, window):
 
 @pytest.mark.parametrize("sink,window", CASES)
 def test_slot_of_is_the_rule(sink, window):
+    """The first S tokens stay; each later one replaces the oldest window token (a ring walked in order)."""
+    ring = list(range(sink, sink + window))  # the window's slots, oldest write first
     for p in range(sink + 3 * window):
-        assert slot_of(p, sink, window) == (p if p < sink else sink + (p - sink) % window)
+        want = p if p < sink else ring.pop(0)
+        if p >= sink:
+            ring.append(want)
+        assert slot_of(p, sink, window) == want
 
 
 @pytest.mark.parametrize("sink,window", CASES)
