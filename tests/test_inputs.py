@@ -133,6 +133,22 @@ def test_damaged_gguf_headers_are_refused_in_one_line(tmp_path_factory, data):
         pytest.fail("a cut-short GGUF file loaded")
 
 
+def test_long_commands_speak_before_loading(tiny, tmp_path):
+    """The first line of `export` and `validate` comes before torch and the model load (validate printed nothing
+    for minutes before); what it says names the work."""
+    out = tmp_path / "out"
+    export = ["export", "--target", "onnx", "--model", str(tiny), "--sink", "2", "--window", "6", "--chunk", "4",
+              "--out", str(out)]
+    for argv, first, then in ((export, f"exporting {tiny} to {out / 'onnx'}", "] loading "),
+                              (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}",
+                               f"; loading {tiny}")):
+        proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *argv], stderr=subprocess.PIPE, text=True)
+        line = proc.stderr.readline()
+        rest = proc.communicate(timeout=300)[1]
+        assert proc.returncode == 0 and line.startswith(f"[{argv[0]} ") and line.rstrip().endswith(first), line + rest
+        assert then in rest.splitlines()[0], rest  # the next line says what loads
+
+
 def test_out_naming_a_file_is_refused_before_loading(tmp_path):
     (tmp_path / "f").write_text("x")
     start = time.perf_counter()
