@@ -2,7 +2,6 @@
 ring through both entries; the Core ML package has the contract's interface and, run by the NumPy MIL
 executor with Core ML's fp16 semantics, matches the reference within the fp16 bound."""
 
-import collections
 import json
 from pathlib import Path
 
@@ -143,90 +142,3 @@ def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
     for key in ("inputs", "outputs", "state"):
         assert [(t["role"], t["name"], t["dtype"]) for t in fixture[key]] == \
             [(t["role"], t["name"], t["dtype"]) for t in fresh[key]]
-
-
-def test_fp16_range_check_agrees_with_coremltools_rule():
-    """exporter.targets.coreml.overflows_fp16 (a block at a time) decides as coremltools 9.0's fp16_overflow does
-    (passes/defs/quantization.py: the largest |v| below 1e38 must not pass 65504), on edge values and on arrays
-    whose one outlier lies in a later block."""
-    from exporter.targets.coreml import overflows_fp16
-
-    def coremltools_rule(value):
-        a = np.abs(np.expand_dims(np.asarray(value, dtype=np.float32), 0))
-        return bool(np.max(a[np.where(a < 1e38)], initial=0.0) > 65504)
-
-    rng = np.random.default_rng(0)
-    cases = [np.float32(3.0), [65504.0], [65505.0], [-7e4], [1e38], [3e38], [np.inf, -np.inf], [np.nan, 1.0],
-             [-1e9, np.nan], rng.normal(size=(5, 7)).astype(np.float32)]
-    for where, value in ((3, 7e4), (29, -1e5), (29, np.inf), (0, 1e39)):
-        a = rng.normal(size=30).astype(np.float32)
-        a[where] = value
-        cases.append(a.reshape(5, 6))
-    decided = [(overflows_fp16(c, block=8), coremltools_rule(c)) for c in cases]
-    assert [ours for ours, _ in decided] == [theirs for _, theirs in decided]
-    assert sum(ours for ours, _ in decided) == 5  # 65505, -7e4, -1e9, and the 7e4 and -1e5 outliers
-
-
-@pytest.mark.slow  # six ExecuTorch exports, 3.5 minutes: beside the slow tier's SmolLM2 matrix, not before it
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
-def test_executorch_shortcuts_do_not_change_a_byte(tmp_path, monkeypatch, scheme):
-    """Two shortcuts through ExecuTorch's lowering (targets/executorch.py): XNNPACK's passes keep a partition they
-    did not change rather than retrace it (_retrace_if_changed), and XNNPACK's ops are kept whole through one
-    decomposition rather than two (_keeping_what_it_takes). The program is byte for byte ExecuTorch's own, most
-    retraces are skipped, and both methods take the one decomposition."""
-    from executorch.exir.pass_base import ExportPass
-
-    from exporter.quantize import Quantization
-    from exporter.targets import executorch
-
-    ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128))
-    base = manifest_base(ckpt, 2, 6, 4)
-    taken = collections.Counter()
-    skip, keep = executorch._retrace_if_changed, executorch._keeping_what_it_takes
-
-    def counted_skip(self, graph_module):
-        result = skip(self, graph_module)
-        taken["retrace skipped" if result.graph_module is graph_module else "retrace run"] += 1
-        return result
-
-    def counted_keep(self, asked, program):
-        ops, check = keep(self, asked, program)
-        taken["unchecked" if check is None else "checked"] += any(
-            n.target in ops for n in program.graph.nodes if n.op == "call_function")
-        return ops, check
-
-    def its_own(self, asked, program):
-        return asked(self, program)
-
-    programs = {}
-    for name, retrace, ops in (("shortcuts", counted_skip, counted_keep), ("own", ExportPass.call, its_own)):
-        monkeypatch.setattr(executorch, "_retrace_if_changed", retrace)
-        monkeypatch.setattr(executorch, "_keeping_what_it_takes", ops)
-        model = build_model(ckpt, 2, 6, max_chunk=4, last_logits_only=True)
-        folder = export_one(model, ckpt, "executorch", tmp_path / name, base, 4, Quantization(scheme))
-        programs[name] = (folder / "model.pte").read_bytes()
-    assert programs["shortcuts"] == programs["own"]
-    assert taken["retrace skipped"] > 2 * taken["retrace run"] > 0, taken
-    assert taken["unchecked"] >= 2 and taken["checked"] == 0, taken  # decode and prefill, at least once each
-
-
-
-def test_onnx_finds_its_tensors_beside_a_dead_weak_proxy():
-    """The ONNX export lists every live onnx_ir tensor among gc's objects; a weak proxy whose object is gone is one of
-    them at times, and isinstance against onnx_ir's Protocol raised on it (an export failed at random in CI)."""
-    import weakref
-
-    import onnx_ir
-
-    from exporter.targets.onnx import _graph_tensors
-
-    class Gone:
-        pass
-
-    obj = Gone()
-    proxies = [weakref.proxy(obj)]
-    del obj
-    tensor = onnx_ir.tensor(np.zeros(3, dtype=np.float32))
-    with pytest.raises(ReferenceError):
-        isinstance(proxies[0], onnx_ir.Tensor)  # what the export did
-    assert id(tensor) in _graph_tensors()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, affine_int4, block_quantize, by_rows
 from exporter.targets import ExportSpec, io_entry, require, trace
+from exporter.targets.compat import coreml as compat
 from exporter.targets.mlpackage import merge
 
 FP16_MAX = 65504.0
@@ -85,7 +86,8 @@ def _mapped(codes: torch.Tensor) -> torch.Tensor:
     """codes over a shared mapping of an unlinked temporary file: pages the kernel reads in when the converter reads
     them and may drop (clean file pages), where in anonymous memory they were the export's peak. coremltools holds
     int4 codes a byte each (numpy has no 4-bit type) for the whole program, a byte a weight: 7.25 GB at 7B.
-    `_drop_pages_after_reads` hands the pages back after each read of them. Needs that byte a weight free in TMPDIR."""
+    compat.coreml hands the pages back (`_drop_pages`) after each of coremltools' full reads of them. Needs that
+    byte a weight free in TMPDIR."""
     with tempfile.NamedTemporaryFile(prefix="edgekv-codes-") as f:  # unlinked on leaving; the mapping keeps it
         codes.numpy().tofile(f)
         f.flush()
@@ -105,111 +107,6 @@ def _drop_pages(array) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(tensor.numel() * tensor.element_size()), 4)
-
-
-def _drop_pages_after_reads() -> None:
-    """The mapped codes' pages dropped after each of coremltools' reads of all of them, so that they are resident a
-    tensor at a time, not all at once: its blob writer, and the re-inference of every op after a pass (which
-    compares each constant's value with itself, elementwise)."""
-    from coremltools.converters.mil.backend.mil import helper
-    from coremltools.converters.mil.mil.operation import Operation
-
-    write = getattr(helper._get_offset_by_writing_data, "edgekv_original", helper._get_offset_by_writing_data)
-    infer = getattr(Operation.type_value_inference, "edgekv_original", Operation.type_value_inference)
-
-    def write_then_drop(output_var, blob_writer):
-        offset = write(output_var, blob_writer)
-        if isinstance(output_var.val, np.ndarray):
-            _drop_pages(output_var.val)
-        return offset
-
-    def infer_then_drop(self, *args, **kwargs):
-        result = infer(self, *args, **kwargs)
-        if self.op_type == "const" and isinstance(self.outputs[0].val, np.ndarray):
-            _drop_pages(self.outputs[0].val)
-        return result
-
-    write_then_drop.edgekv_original, infer_then_drop.edgekv_original = write, infer
-    helper._get_offset_by_writing_data = write_then_drop
-    Operation.type_value_inference = infer_then_drop
-
-
-def _convert_codes_as_views() -> None:
-    """Replace coremltools' converter of torchao's dequantize_affine by one that hands constexpr_blockwise_shift_scale
-    a view of torch's codes (the same bytes, typed as coremltools' sub-byte dtype), where its own copies them twice
-    with `astype`: one copy of the codes in memory, not two (16 layers' export peak over 4 layers': 1.51x with it)."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
-    from coremltools.converters.mil.mil import types
-
-    @register_torch_op(torch_alias=["torchao::dequantize_affine", "torchao.dequantize_affine"], override=True)
-    def dequantize_affine(context, node):
-        codes, block, scale, zero, _, low, high = (i if i is None else i.val
-                                                   for i in _get_inputs(context, node, expected=7))
-        assert codes.dtype == "int8" and codes.ndim == 2 and block[0] == 1, "edgekv's BlockwiseLinear form"
-        bits = {(-8, 7): "int4", (-128, 127): "int8"}[(low, high)]
-        groups = (codes.shape[0], codes.shape[1] // block[1])
-        offset = {} if zero is None else {"offset": zero.reshape(groups)}
-        context.add(mb.constexpr_blockwise_shift_scale(
-            data=codes.view(types.nptype_from_builtin(types.string_to_builtin(bits))), scale=scale.reshape(groups),
-            name=node.name, **offset))
-
-
-def overflows_fp16(value, block: int = 1 << 20) -> bool:
-    """Whether a finite value is out of fp16's range (65504 < |v| < 1e38; larger ones stand for infinity, e.g. in a
-    mask), checked a block at a time."""
-    import numpy as np
-
-    flat = np.asarray(value).reshape(-1)
-    for start in range(0, flat.size, block):
-        part = np.abs(flat[start:start + block])
-        if np.logical_and(part > 65504, part < 1e38).any():
-            return True
-    return False
-
-
-def _lean_fp16_overflow_check() -> None:
-    """coremltools' check, before casting an op to fp16, that its fp32 constants fit, done by `overflows_fp16`. Its
-    own took |v|, a mask and np.where's int64 indices of the whole constant: about 8 bytes for each byte of it,
-    8.7 GB for a 1B model's fp32 embedding table."""
-    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
-
-    def fp16_overflow(op) -> bool:
-        return any(var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
-                   and overflows_fp16(var.op.val.val)
-                   for inputs in op.inputs.values()
-                   for var in (inputs if isinstance(inputs, (list, tuple)) else [inputs]))
-
-    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
-
-
-def _fp16_promotion() -> None:
-    """An op whose inputs mix fp16 and fp32 computes in fp16, as the whole program will (compute_precision FLOAT16).
-    coremltools promoted to fp32 instead, and for a constant that is a copy: an fp16 model's every weight met an
-    fp32 activation (its converter reads the fp16 state as fp32) and was copied to fp32, 5 GB for 1B."""
-    import numpy as np
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend import _utils as frontend_utils
-    from coremltools.converters.mil.frontend.torch import ops, quantization_ops
-    from coremltools.converters.mil.mil import Var, types
-
-    promote = getattr(ops.promote_input_dtypes, "edgekv_original", ops.promote_input_dtypes)
-
-    def to_fp16(var):
-        if var.dtype != types.fp32:
-            return var
-        return mb.cast(x=var, dtype="fp16") if var.val is None else mb.const(val=np.float16(var.val))
-
-    def promote_to_fp16(input_vars):
-        input_vars = [v if isinstance(v, Var) else mb.const(val=v) for v in input_vars]
-        if any(v.dtype == types.fp16 for v in input_vars):
-            input_vars = [to_fp16(v) for v in input_vars]
-        return promote(input_vars)
-
-    promote_to_fp16.edgekv_original = promote
-    for module in (ops, quantization_ops, frontend_utils):
-        module.promote_input_dtypes = promote_to_fp16
 
 
 def _fp16_warnings(model: StreamingLM, log) -> None:
@@ -245,7 +142,6 @@ def quantize(mlmodel, vocab: int, quant: Quantization):
 
 def _affine_int4_pass():
     """coremltools' weight quantization pass with its blockwise rounding replaced by affine_int4."""
-    import numpy as np
     from coremltools.converters.mil.mil import types
     from coremltools.optimize import _utils as optimize_utils
     from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
@@ -287,20 +183,14 @@ def _pipeline(ct):
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ct = require("coremltools", "coremltools==9.0")
-    import numpy as np
-
     _fp16_warnings(model, spec.log)
-    _lean_fp16_overflow_check()
-    _fp16_promotion()
-    if model.packed:
-        _convert_codes_as_views()
-        _drop_pages_after_reads()
     # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
     # copy, so the caller's model keeps its in-place write.
     model = copy.copy(model)
     model.write_in_place = False
     shape = tuple(model.kv_cache.shape)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    # coremltools in less memory: exporter/targets/compat/coreml.py (packed: the codes' pages dropped as read).
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, compat.hooks(bool(model.packed), _drop_pages):
         packages = {}
         for name, tokens in (("decode", 1), ("prefill", spec.chunk)):
             # Core ML wants int32 inputs; decompositions first (DESIGN.md probe).

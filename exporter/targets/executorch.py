@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
-import functools
-import hashlib
 import tempfile
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import torch
 from exporter.model import StreamingLM
 from exporter.quantize import OffsetEmbedding, OffsetLinear, Quantization, untied, with_offsets
 from exporter.targets import ExportSpec, io_entry, require, trace
+from exporter.targets.compat import executorch as compat
 from runtimes.executorch_runner import IDENTITY_METHOD, READ_CACHE, WRITE_CACHE
 
 
@@ -157,7 +154,9 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     split = model.per_layer_cache()
     programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk), **cache_access(split)}
     spec.log("traced decode and prefill")
-    with tempfile.TemporaryDirectory(dir=out_dir) as spill, _lowering_without_copies(Path(spill)):
+    # The lowering with the weights held once, a 7B model needs it, and without its slowest redundant work
+    # (exporter/targets/compat/executorch.py); the serialized weights spill into `spill` until the .pte is written.
+    with tempfile.TemporaryDirectory(dir=out_dir) as spill, compat.hooks(Path(spill)):
         _lower_and_write(programs, out_dir / "model.pte", spec, quant)
     return {
         "files": {"model": "model.pte"},
@@ -198,180 +197,3 @@ def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quanti
     program = edge.to_executorch(config)
     with open(path, "wb") as f:  # piece by piece: `program.buffer` joins a copy of the whole file
         program.write_to_file(f)
-
-
-@contextlib.contextmanager
-def _lowering_without_copies(folder: Path):
-    """XNNPACK's lowering with the model's weights held once, as a 7B model needs:
-    - ExecuTorch deep-copies each partition's program, its weights with it, before XNNPACK reads it: all methods'
-      partitions at once, a copy of the model per method. The copy keeps sharing the weights here (XNNPACK's
-      passes replace a constant rather than change it in place; the artifact is compared with the reference).
-    - The serialized weights go to files in `folder` as they are made, and the .pte is written from them
-      (ExecuTorch's FileBackedData): as bytes they were another copy of the model, and prefill's a third. A blob
-      both methods make (the same key: XNNPACK names each by its SHA-256) is written once.
-    - The partitioners' view of the graph's dependencies is built once, on first use (_Dependencies), and
-      ExecuTorch's merge check asks it with a set operation (_can_merge).
-    - A constant used inside and outside a partition (fp32's tied table: the lookup runs outside XNNPACK, the output
-      projection inside) is duplicated for each side, once per method: here the duplicate shares the tensor
-      (2 GB of a 1B export's peak).
-    - An XNNPACK pass that found nothing to change returns the partition as it was instead of retracing it through
-      fake tensors (_retrace_if_changed).
-    - Where XNNPACK takes every node of the ops it asks to keep whole, it says so without its per-node check
-      (_keeping_what_it_takes), and ExecuTorch decomposes each method once instead of twice."""
-    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-    from executorch.exir._serialize._cord import FileBackedData
-    from executorch.exir._serialize._named_data_store import NamedDataStore
-    from executorch.exir.backend.canonical_partitioners import duplicate_constant_node_pass, group_partitioner
-    from torch.fx.passes.infra import partitioner as fx_partitioner
-
-    add = NamedDataStore.add_named_data
-    spilled: dict[str, FileBackedData] = {}
-
-    def add_on_disk(self, key, data, *args, **kwargs):
-        if isinstance(data, bytes) and len(data) >= 1 << 16:  # small blobs (norms, biases) stay in memory
-            if key not in spilled:
-                path = folder / f"{len(spilled)}.bin"
-                path.write_bytes(data)
-                spilled[key] = FileBackedData(str(path), sha256=hashlib.sha256(data).digest())
-            if len(spilled[key]) == len(data):  # else the store's own check says the key's data differ
-                data = spilled[key]
-        return add(self, key, data, *args, **kwargs)
-
-    def copy_sharing_weights(cls, program, compile_specs):
-        weights = (*program.state_dict.values(), *program.constants.values())
-        return copy.deepcopy(program, {id(w): w for w in weights if isinstance(w, torch.Tensor)})
-
-    # Methods a class may define itself or inherit: put back as they were (an inherited one by deleting ours).
-    own = {(cls, name): cls.__dict__.get(name) for cls, name in (
-        (XnnpackPartitioner, "ops_to_not_decompose"), (XNNPACKPass, "__call__"), (XNNPACKPass, "call"),
-        (XnnpackBackend, "copy_exported_program_for_preprocess"))}
-    viewers = [(module, module._DependencyViewer) for module in (fx_partitioner, group_partitioner)]
-    can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
-    try:
-        XnnpackPartitioner.ops_to_not_decompose = functools.partialmethod(_keeping_what_it_takes,
-                                                                          XnnpackPartitioner.ops_to_not_decompose)
-        XNNPACKPass.__call__, XNNPACKPass.call = _recording_structure, _retrace_if_changed
-        NamedDataStore.add_named_data = add_on_disk
-        XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
-        for module, _ in viewers:
-            module._DependencyViewer = _Dependencies
-        duplicate_constant_node_pass.copy = _SharingTensors
-        group_partitioner.GroupBasedPartitioner._can_merge_partitions = _can_merge
-        yield
-    finally:
-        for (cls, name), method in own.items():
-            if method is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, method)
-        NamedDataStore.add_named_data = add
-        duplicate_constant_node_pass.copy = copy
-        group_partitioner.GroupBasedPartitioner._can_merge_partitions = can_merge
-        for module, viewer in viewers:
-            module._DependencyViewer = viewer
-
-def _can_merge(self, p1: int, p2: int, partitions_by_id: dict) -> bool:
-    """ExecuTorch's GroupBasedPartitioner._can_merge_partitions, the same answer: merging two partitions makes a
-    cycle if a user outside them reaches back into them, or if the live graph's own check says so. It tested each
-    of an outside user's transitive users one at a time in Python (a tenth of SmolLM2's int4 export); a set's
-    `isdisjoint` does it in C."""
-    from torch.fx.passes.utils.fuser_utils import validate_partition
-
-    combined = set(partitions_by_id[p1].nodes) | set(partitions_by_id[p2].nodes)
-    outside = {user for node in combined for user in node.users if user not in combined}
-    if any(not self.dependency_viewer.downstreams_of(user).isdisjoint(combined) for user in outside):
-        return False
-    return validate_partition(list(combined))
-
-
-def _keeping_what_it_takes(self, asked, program: torch.export.ExportedProgram):
-    """XnnpackPartitioner.ops_to_not_decompose: the ops it asks ExecuTorch to keep whole (linear, torchao's
-    quantize ops) and a check of each node. With a check, ExecuTorch decomposes each method, marks the nodes that
-    pass, decomposes it again and unmarks them (EDGE_DO_NOT_DECOMP); without one, it keeps the ops through a single
-    decomposition. Where every node of those ops passes the check, the two keep the same nodes; the check is left
-    out then, and one retrace of each method is saved (9 % of an int4 export)."""
-    ops, check = asked(self, program)
-    nodes = [n for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
-             for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
-    if check is not None and all(check(n) for n in nodes):
-        return ops, None
-    return ops, check
-
-
-def _structure(graph_module: torch.fx.GraphModule) -> list:
-    """A graph's nodes in order: what they call, on what (nodes by name)."""
-    def name(node):
-        return node.name
-    return [(n.op, n.target, n.name, torch.fx.node.map_arg(n.args, name), torch.fx.node.map_arg(n.kwargs, name))
-            for n in graph_module.graph.nodes]
-
-
-def _recording_structure(self, graph_module: torch.fx.GraphModule):
-    """XNNPACKPass.__call__: the pass runs as before, its input's structure noted first."""
-    from torch.fx.passes.infra.pass_base import PassBase
-
-    self._structure_before = _structure(graph_module)
-    return PassBase.__call__(self, graph_module)
-
-
-def _retrace_if_changed(self, graph_module: torch.fx.GraphModule):
-    """XNNPACKPass.call, which XNNPACK's passes call last (`super().call`) to retrace the partition through fake
-    tensors whether or not they changed it: 17 passes over each partition, a third of an export's time. A pass
-    whose partition has the structure it came with gets it back as it is; the program is byte for byte the same
-    (tests/test_targets.py)."""
-    from executorch.exir.pass_base import ExportPass
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    unchanged = _structure(graph_module) == getattr(self, "_structure_before", None)
-    if unchanged and type(self).call is not _retrace_if_changed:  # a pass's own call, ending in super().call
-        return PassResult(graph_module, True)
-    return ExportPass.call(self, graph_module)
-
-
-class _SharingTensors:
-    """The `copy` module as ExecuTorch's duplicate_constant_node pass sees it: its deepcopy of a plain tensor or
-    parameter is a new one over the same storage; anything else (its input specs, torchao's tensors) is copied."""
-
-    @staticmethod
-    def deepcopy(value, memo=None):
-        if type(value) is torch.nn.Parameter:
-            return torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad)
-        if type(value) is torch.Tensor:
-            return value.detach()
-        return copy.deepcopy(value, memo)
-
-
-class _Dependencies:
-    """The partitioners' view of a graph (torch.fx's and ExecuTorch's `_DependencyViewer`, the same sets built the
-    same way, so the same partitions as fast), each table built on first use. Every node's set of transitive users
-    is N^2 / 2 set entries, and ExecuTorch's partitioner held three such tables at once: torch's view, which its own
-    constructor makes and then replaces, and its own upstream table, which nothing reads. That was the 7B export's
-    peak (12.79 GB; 11.24 with this)."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule):
-        self._graph = graph_module.graph
-
-    @functools.cached_property
-    def _downstreams(self) -> dict:
-        return self._closure(reversed(self._graph.nodes), lambda node: node.users)
-
-    @functools.cached_property
-    def _upstreams(self) -> dict:
-        return self._closure(self._graph.nodes, lambda node: node.all_input_nodes)
-
-    @staticmethod
-    def _closure(nodes, neighbours) -> dict:
-        table = collections.defaultdict(set)
-        for node in nodes:
-            for other in neighbours(node):
-                table[node].add(other)
-                table[node].update(table[other])
-        return table
-
-    def downstreams_of(self, node: torch.fx.Node) -> set:
-        return self._downstreams[node]
-
-    def upstreams_of(self, node: torch.fx.Node) -> set:
-        return self._upstreams[node]

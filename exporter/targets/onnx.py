@@ -7,7 +7,6 @@ and the cache is never copied."""
 from __future__ import annotations
 
 import ast
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from onnx import numpy_helper
 from exporter.model import StreamingLM
 from exporter.quantize import Quantization, block_quantize, with_offsets
 from exporter.targets import ExportSpec, io_entry, require
+from exporter.targets.compat import onnx as compat
 from exporter.targets.nbits import pack, pack_tied, translations  # noqa: F401 (pack, pack_tied: the Packer's)
 
 
@@ -42,47 +42,24 @@ def cache_names(model: StreamingLM) -> list[str]:
 
 def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> None:
     require("onnxscript", "onnxscript")
-    before = _graph_tensors()
     t = torch.export.Dim("T", min=1, max=chunk)
     caches = [c.clone() for c in model.caches()]
     args = (torch.zeros(1, chunk, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches)
-    with torch.no_grad():
+    # torch.onnx.export's graphs outlive it with copies of the weights: their data is dropped once the file is written
+    # (exporter/targets/compat/onnx.py).
+    with compat.hooks(), torch.no_grad():
         program = torch.onnx.export(
             PureStep(model).eval(), args, dynamo=True, verbose=False,
             input_names=["tokens", "input_pos", *cache_names(model)], output_names=["logits", "kv_update"],
             dynamic_shapes={"tokens": {1: t}, "input_pos": None, "caches": [None] * len(caches)},
             custom_translation_table=translations(),
         )
-    program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
-    # Weights past 64 MB go to a side file, written a tensor at a time (inside the protobuf, saving held two more
-    # copies of them; and protobuf stops at 2 GB).
-    big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 64e6
-    program.save(str(path), external_data=big)
-    del program
-    _drop_graph_data(before)
-
-
-def _graph_tensors() -> set[int]:
-    return {id(o) for o in _onnx_ir_tensors()}
-
-
-def _onnx_ir_tensors():
-    """Every live onnx_ir tensor. By type, not isinstance: onnx_ir.Tensor is a Protocol, whose isinstance reads
-    `o.__class__`, and that raises on a dead weak proxy among gc's objects (it failed an export at random)."""
-    import onnx_ir
-
-    return (o for o in gc.get_objects() if issubclass(type(o), onnx_ir.Tensor))
-
-
-def _drop_graph_data(keep: set[int]) -> None:
-    """Drop the data of every onnx_ir tensor the export made. torch.onnx.export's graphs outlive it, held from
-    outside Python's gc (no path to them from any module), and with them copies of the weights (the folded
-    transposes, 1B fp32: 5 GB) that nothing can free otherwise; the file is written, so nothing reads them."""
-    gc.collect()
-    for o in _onnx_ir_tensors():
-        if id(o) not in keep:
-            o._raw = None  # noqa: SLF001 (onnx_ir has no public way to release a tensor's data)
-    gc.collect()
+        program.model.metadata_props["edgekv"] = identity  # kept through quantize_onnx; read by the runner
+        # Weights past 64 MB go to a side file, written a tensor at a time (inside the protobuf, saving held two more
+        # copies of them; and protobuf stops at 2 GB).
+        big = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) > 64e6
+        program.save(str(path), external_data=big)
+        del program
 
 
 def pure_io(model: StreamingLM) -> dict:
