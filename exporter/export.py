@@ -13,7 +13,7 @@ from pathlib import Path
 
 from exporter.config import cache_sizes
 from exporter.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, NONE, SCHEMES, Quantization, check_quantization
-from exporter.targets import TARGETS, ExportSpec, Packer, target_module
+from exporter.targets import TARGETS, ExportSpec, Packer, pack_model, target_module
 from runtimes.cli_ppl import read_text
 from runtimes.errors import EdgekvError
 from runtimes.manifest import (
@@ -203,6 +203,8 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
     module = target_module(target)
     log = Progress(target)
     log(f"exporting to {out}")
+    if quant.bits and model.packed != quant:  # a float model (tests, the API): packed as the CLI packs at load
+        model = pack_model(model, Packer(target, quant))
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, re.escape(f".{out.name}.tmp-") + r"(\d+)")  # left by an export that was killed
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -1,4 +1,5 @@
-"""Weight quantization: one scheme (`--quantize int8|int4`, `--group-size`), applied by each target's own tool.
+"""Weight quantization: one scheme (`--quantize int8|int4`, `--group-size`) and one path: each weight quantized as
+it is read (loaders.build_model with a target's Packer) into the form that target's converter takes as it is.
 
 What every target does the same way:
 - int8: symmetric weights, one scale per group of `group_size` consecutive input channels (on ExecuTorch
@@ -6,7 +7,7 @@ What every target does the same way:
 - int4: affine weights, a scale and a float zero point per group (min-max, llama.cpp's Q4_1 grid:
   `affine_int4`). Core ML's dequantization takes float offsets directly; ExecuTorch, ONNX and OpenVINO have
   symmetric 4-bit kernels, so each layer carries symmetric int4 weights plus a float32 offset per group,
-  applied as a small product with the input's group sums (`with_offsets`), the same numbers. Symmetric
+  applied as a small product with the input's group sums (`OffsetLinear`), the same numbers. Symmetric
   int4 alone cost SmolLM2 +41 % perplexity, affine +3.6 % (benchmarks/rtn_quality.py).
 - Every linear layer, the token embedding and the output projection are quantized. A tied embedding is
   quantized once for the lookup and once for the output projection where the format needs two layouts.
@@ -16,7 +17,6 @@ What every target does the same way:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,14 +69,6 @@ def check_quantization(quant: Quantization, cfg: ModelConfig) -> None:
         ok = [g for g in GROUP_SIZES if all(n % g == 0 for n in widths.values())]
         fix = f"pass --group-size {ok[0]}" if ok else "this model's widths fit no supported group size; use int8"
         raise EdgekvError(f"--group-size {quant.group_size} does not divide {', '.join(bad)}; {fix}")
-
-
-def untied(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose output projection owns its weight: the lookup and the projection quantize separately."""
-    model = copy.deepcopy(model)
-    if model.lm_head.weight is model.embed_tokens.weight:
-        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
-    return model
 
 
 def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,21 +155,3 @@ class OffsetEmbedding(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         off = self.offset(tokens)
         return self.table(tokens) + off.unsqueeze(-1).expand(*off.shape, self.group).flatten(-2)
-
-
-def with_offsets(model: torch.nn.Module, group: int, linear: type[OffsetLinear] = OffsetLinear) -> torch.nn.Module:
-    """A copy whose linear layers and embedding carry affine int4 weights as symmetric weights + offsets
-    (`linear`, OffsetEmbedding); a tied output projection keeps sharing both tensors with the lookup.
-    Offsets are the modules named `offset`: the target's 4-bit quantizer must leave them alone."""
-    model = copy.deepcopy(model)
-    tied = model.lm_head.weight is model.embed_tokens.weight
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, linear(module, group))
-    model.embed_tokens = OffsetEmbedding(model.embed_tokens, group)
-    if tied:
-        head = linear(model.lm_head, group)
-        head.linear.weight, head.offset.weight = model.embed_tokens.table.weight, model.embed_tokens.offset.weight
-        model.lm_head = head
-    return model

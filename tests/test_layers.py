@@ -14,7 +14,7 @@ from tests.conftest import export_tiny_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 # The export stack: none of it may load when a folder is only run.
-HEAVY = {"torch", "torchao", "executorch", "coremltools", "onnx", "onnxscript", "transformers", "nncf", "gguf",
+HEAVY = {"torch", "torchao", "executorch", "coremltools", "onnx", "onnxscript", "transformers", "gguf",
          "accelerate", "safetensors", "matplotlib"}
 # Runs one `edgekv` command in this process, then lists what it imported of the export stack and of exporter/.
 PROBE = f"""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from exporter.loaders import build_model, load_checkpoint
-from exporter.quantize import OffsetLinear, affine_int4, affine_round_trip, split_affine, with_offsets
+from exporter.quantize import OffsetEmbedding, OffsetLinear, affine_int4, affine_round_trip, split_affine
 from exporter.targets.executorch import XnnpackOffsetLinear
 from exporter.validate import QUANT_BOUNDS
 from tests.conftest import RUNNABLE, edgekv, export_all, make_tiny, one_line_error, two_at_a_time
@@ -109,10 +109,29 @@ def test_coreml_codes_live_in_a_file_mapping_whose_pages_can_be_dropped():
     assert np.array_equal(codes, expected.numpy())
 
 
+def with_offsets(model: torch.nn.Module, group: int, linear: type[OffsetLinear] = OffsetLinear) -> torch.nn.Module:
+    """A copy whose linear layers and embedding carry affine int4 weights as symmetric weights + offsets
+    (`linear`, OffsetEmbedding); a tied output projection keeps sharing both tensors with the lookup.
+    Offsets are the modules named `offset`: the target's 4-bit quantizer must leave them alone."""
+    model = copy.deepcopy(model)
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, linear(module, group))
+    model.embed_tokens = OffsetEmbedding(model.embed_tokens, group)
+    if tied:
+        head = linear(model.lm_head, group)
+        head.linear.weight, head.offset.weight = model.embed_tokens.table.weight, model.embed_tokens.offset.weight
+        model.lm_head = head
+    return model
+
+
 @pytest.mark.parametrize("linear", [OffsetLinear, XnnpackOffsetLinear])
 def test_offsets_compute_the_affine_weights(tmp_path, linear):
-    """with_offsets (what ExecuTorch, ONNX and OpenVINO export; ExecuTorch's group sums as XNNPACK's mean) gives
-    the logits of the model whose weights were rounded in place, tied table and output projection included."""
+    """Symmetric weights + offsets (what ExecuTorch, ONNX and OpenVINO export; ExecuTorch's group sums as XNNPACK's
+    mean) give the logits of the model whose weights were rounded in place, tied table and output projection
+    included."""
     ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128,
                                      tie_word_embeddings=True))
     model = build_model(ckpt, 2, 12, max_chunk=4)

@@ -5,6 +5,7 @@ Backends are imported inside the function that needs them, so a missing one name
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 
@@ -47,6 +48,22 @@ class Packer:
         if hasattr(self.target, "pack_tied"):
             return self.target.pack_tied(embedding, head, self.quant)
         return self(embedding), self(head)
+
+
+def pack_model(model: StreamingLM, pack: Packer) -> StreamingLM:
+    """A copy of a loaded float model with its linear layers and embedding in the target's packed form, the one
+    quantization path: what loaders.build_model does as each weight is read, for a model already in memory."""
+    model = copy.deepcopy(model)
+    tied = model.cfg.tie_word_embeddings
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and not (
+                tied and name in ("embed_tokens", "lm_head")):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, pack(module))
+    if tied:
+        model.embed_tokens, model.lm_head = pack.tied(model.embed_tokens, model.lm_head)
+    model.packed = pack.quant
+    return model
 
 
 def target_module(name: str):

@@ -116,49 +116,6 @@ def _fp16_warnings(model: StreamingLM, log) -> None:
         log(f"warning: {worst[1]} holds {worst[0]:.3g}, beyond fp16's range: Core ML outputs will overflow")
 
 
-def quantize(mlmodel, vocab: int, quant: Quantization):
-    """coremltools.optimize: int4/int8 weights per block of `group_size` input channels (iOS 18's
-    constexpr_blockwise_shift_scale), for every linear layer and the embedding table. int8 is symmetric (fp16
-    scales); int4 is affine: uint4 codes with an fp16 scale and an fp16 zero point (the op's `offset` takes
-    floats) per block, written by exporter.quantize.affine_int4 through coremltools' own pass. The rotary
-    tables, also gathered from constants, stay fp16: only the gather from the [vocab, hidden] table is named."""
-    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
-    from coremltools.models import utils as model_utils
-    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
-
-    mode = "linear" if quant.bits == 4 else "linear_symmetric"
-    op = OpLinearQuantizerConfig(mode=mode, dtype=quant.scheme, granularity="per_block",
-                                 block_size=[1, quant.group_size], weight_threshold=0)
-    embedding = [o.name for o in mlmodel._mil_program.functions["main"].operations
-                 if o.op_type == "gather" and o.x.op is not None and o.x.op.op_type == "const"
-                 and o.x.shape[0] == vocab]
-    config = OptimizationConfig(op_type_configs={"linear": op}, op_name_configs={name: op for name in embedding})
-    if quant.bits != 4:
-        return linear_quantize_weights(mlmodel, config)
-    affine = _affine_int4_pass()
-    affine.set_options([PassOption("config", config), PassOption("joint_compression", False)])
-    return model_utils._apply_graph_pass(mlmodel, affine)
-
-
-def _affine_int4_pass():
-    """coremltools' weight quantization pass with its blockwise rounding replaced by affine_int4."""
-    from coremltools.converters.mil.mil import types
-    from coremltools.optimize import _utils as optimize_utils
-    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
-
-    class AffineInt4(linear_quantize_weights):
-        @classmethod
-        def blockwise_compress_by_dtype(cls, original_data, dtype, mode, block_sizes):
-            if original_data.ndim != 2 or list(block_sizes[:1]) != [1]:
-                return None
-            q, scale, zero = affine_int4(torch.from_numpy(original_data.astype(np.float32)), block_sizes[1])
-            return optimize_utils.QuantParams(data=q.numpy().astype(types.np_uint4_dtype),
-                                              scale=scale.numpy().astype(np.float16),
-                                              offset=zero.numpy().astype(np.float16), nbits=np.uint8(4))
-
-    return AffineInt4()
-
-
 def stamp(package: Path, identity: str) -> None:
     """The identity as user-defined metadata of the package's spec (MLModel.modelDescription.metadata in the app;
     the merged package keeps no metadata of its functions, so it is written into the saved spec)."""
@@ -206,8 +163,6 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
                 convert_to="mlprogram",
                 pass_pipeline=_pipeline(ct),
             )
-            if spec.quant.bits and not model.packed:
-                mlmodel = quantize(mlmodel, model.cfg.vocab_size, spec.quant)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel, program
@@ -225,8 +180,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float16",
         "minimum_deployment_target": "iOS18",
         "quantization": spec.quant.manifest(
-            ("torchao dequantize_affine, written as each weight was read" if model.packed else
-             "coremltools.optimize linear_quantize_weights") if spec.quant.bits else "none",
+            "torchao dequantize_affine, written as each weight was read" if spec.quant.bits else "none",
             spec.quant.describe("fp16 scales and zero points") + ", linear layers and embedding "
             "(constexpr_blockwise_shift_scale)" if spec.quant.bits else "float16",
             "float16", "float16"),

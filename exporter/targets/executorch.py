@@ -9,33 +9,17 @@ from pathlib import Path
 import torch
 
 from exporter.model import StreamingLM
-from exporter.quantize import OffsetEmbedding, OffsetLinear, Quantization, untied, with_offsets
+from exporter.quantize import OffsetEmbedding, OffsetLinear, Quantization
 from exporter.targets import ExportSpec, io_entry, require, trace
 from exporter.targets.compat import executorch as compat
 from runtimes.executorch_runner import IDENTITY_METHOD, READ_CACHE, WRITE_CACHE
-
-
-def quantize(model: StreamingLM, quant: Quantization) -> StreamingLM:
-    """torchao on an untied copy. Linear layers: int8 dynamic activations x int4 weights in groups (8da4w) or
-    int8 weights per output channel (8da8w), the forms XNNPACK runs. Embedding: int4/int8 weights in groups,
-    fused at to_executorch into quantized_decomposed::embedding_{4bit,byte} (the runtime needs
-    ExecuTorch's quantized kernels: `import executorch.kernels.quantized` in Python).
-    int4 is affine: XNNPACK's 4-bit weights are symmetric, so each layer carries symmetric weights plus offsets
-    (exporter.quantize.with_offsets, in XNNPACK's form: XnnpackOffsetLinear); the scale rule that never clips
-    recovers the grid's scale exactly."""
-    model = untied(model)
-    if quant.bits == 4:
-        model = with_offsets(model, quant.group_size, XnnpackOffsetLinear)
-    _torchao(model, quant)
-    return model
-
 
 ROWS = 8192  # rows quantized at a time: a 128k-row table's float temporaries took 3.4 GB, a block's take 1/16
 
 
 def pack(module: torch.nn.Module, quant: Quantization) -> torch.nn.Module:
-    """One layer as `quantize` leaves it, quantized as it is read (loaders.build_model); a tied table is packed
-    twice, for the lookup and for the output projection, as `quantize` unties it. A big table is quantized a block
+    """One layer in torchao's form for XNNPACK (_torchao), quantized as it is read (loaders.build_model); a tied
+    table is packed twice, for the lookup and for the output projection. A big table is quantized a block
     of rows at a time and joined: every scale and offset belongs to one row, so the numbers are the same."""
     if module.weight.shape[0] > ROWS:
         return _joined([pack(_rows(module, i, i + ROWS), quant) for i in range(0, module.weight.shape[0], ROWS)])
@@ -147,9 +131,6 @@ def cache_access(split: StreamingLM) -> dict[str, torch.export.ExportedProgram]:
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch==1.5.1")
     quant = spec.quant
-    if quant.bits and not model.packed:
-        model = quantize(model, quant)
-        spec.log(f"quantized weights to {quant.scheme} with torchao")
     # One buffer per layer and half: ExecuTorch copies every slice it takes of a buffer.
     split = model.per_layer_cache()
     programs = {"decode": trace(split, 1), "prefill": trace(split, spec.chunk), **cache_access(split)}

@@ -4,9 +4,9 @@ artifact stores from the moment each is read from the checkpoint (exporter.loade
 no float copy of the model is ever made or quantized afterwards. OpenVINO's ONNX frontend reads both ops as
 compressed weights (u4 / u8 constants and their decompression), which its CPU plugin runs as such.
 
-The layouts are those onnxruntime's own quantizer writes (exporter/targets/onnx.py: quantize_onnx), so the two paths
-give the same initializers: symmetric codes offset by 2^(bits-1) (the ops' default zero point), 4-bit codes two per
-byte, low nibble first; fp32 scales per block; affine int4 as those codes plus fp16 offsets per group."""
+The layouts are those onnxruntime's own quantizer (MatMulNBitsQuantizer) writes: symmetric codes offset by
+2^(bits-1) (the ops' default zero point), 4-bit codes two per byte, low nibble first; fp32 scales per block;
+affine int4 as those codes plus fp16 offsets per group."""
 
 from __future__ import annotations
 

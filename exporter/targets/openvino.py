@@ -9,33 +9,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import onnx
-
 from exporter.model import StreamingLM
-from exporter.quantize import Quantization, with_offsets
+from exporter.quantize import Quantization
 from exporter.targets import ExportSpec, require
 
 # The Packer's: the ONNX form, which the ONNX frontend reads as compressed weights. A tied table is packed twice: the
 # frontend takes GatherBlockQuantized's data only as a constant, not as a reshape of MatMulNBits' weights.
 from exporter.targets.nbits import pack  # noqa: F401
-from exporter.targets.onnx import offset_products, pure_io, write_onnx
-
-NNCF_MODE = {"int8": "INT8_SYM", "int4": "INT4_SYM"}
-
-
-def compress(ir, quant: Quantization, offset_matmuls: list[str]):
-    """NNCF weight compression: every MatMul and the (tied) embedding, data-free. `all_layers` keeps NNCF from
-    leaving the embedding and the output projection in int8 backup precision under int4."""
-    nncf = require("nncf", "nncf==3.4.0")
-    mode = getattr(nncf.CompressWeightsMode, NNCF_MODE[quant.scheme])
-    if quant.bits == 4:
-        # Affine int4 as symmetric weights + float32 offsets (exporter.quantize.with_offsets): the offsets stay.
-        offsets = offset_matmuls + [op.get_friendly_name() for op in ir.get_ordered_ops() if (
-            op.get_type_name() == "Gather"
-            and op.input_value(0).get_node().get_friendly_name().endswith("offset.weight"))]
-        return nncf.compress_weights(ir, mode=mode, group_size=quant.group_size, ratio=1.0, all_layers=True,
-                                     ignored_scope=nncf.IgnoredScope(names=offsets))
-    return nncf.compress_weights(ir, mode=mode)
+from exporter.targets.onnx import pure_io, write_onnx
 
 
 def packed_manifest(quant: Quantization) -> dict:
@@ -47,8 +28,6 @@ def packed_manifest(quant: Quantization) -> dict:
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ov = require("openvino", "openvino")
     quant = spec.quant
-    if quant.bits == 4 and not model.packed:
-        model = with_offsets(model, quant.group_size)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         write_onnx(model, onnx_path, spec.chunk, spec.identity)
@@ -58,10 +37,6 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         # read_model maps the ONNX file's external weights rather than copying them (1B fp32: 4.9 GB peak
         # against convert_model's 8.7 GB); the IR is saved while the file is still there.
         ir = ov.Core().read_model(str(onnx_path))
-        offsets = offset_products(onnx.load(str(onnx_path), load_external_data=False).graph)
-        if quant.bits and not model.packed:
-            ir = compress(ir, quant, offsets)
-            spec.log(f"compressed weights to {quant.scheme} with NNCF")
         ir.set_rt_info(spec.identity, ["edgekv"])  # read by the runner
         ov.save_model(ir, str(out_dir / "model.xml"), compress_to_fp16=False)  # keep fp32 weights
         del ir
@@ -71,10 +46,6 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "entries": {"decode": "model.xml (T=1)", "prefill": f"model.xml (T={spec.chunk})"},
         **pure_io(model),
         "compute_precision": "float32",
-        "quantization": packed_manifest(quant) if model.packed else quant.manifest(
-            f"NNCF {NNCF_MODE.get(quant.scheme, 'none')}", {
-                "int4": quant.describe("as symmetric int4 + float32 offsets; all layers incl. embedding and output"),
-                "int8": "int8 symmetric, one scale per output channel, all layers incl. embedding and output",
-            }.get(quant.scheme, "float32"), "float32 (the CPU plugin may compute int8 products)", "float32",
-            grouped=quant.bits == 4),
+        "quantization": packed_manifest(quant) if quant.bits else quant.manifest(
+            "none", "float32", "float32", "float32"),
     }
