@@ -44,9 +44,11 @@ def runners(dtype: torch.dtype, slots: int, folder: Path) -> dict:
     from executorch.runtime import Runtime
 
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
-            torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
-            torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g))
+    args = (
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
+        torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g),
+    )
     name = str(dtype).removeprefix("torch.")
     model = CacheAttention(dtype).eval()
     onnx_path = folder / f"attention_{name}.onnx"
@@ -57,8 +59,10 @@ def runners(dtype: torch.dtype, slots: int, folder: Path) -> dict:
     program = to_edge_transform_and_lower(torch.export.export(model, args), partitioner=[XnnpackPartitioner()])
     pte_path.write_bytes(program.to_executorch().buffer)
     method = Runtime.get().load_program(str(pte_path)).load_method("forward")
-    return {f"onnxruntime {name}": lambda: session.run(None, feeds),
-            f"executorch {name}": lambda: method.execute(list(args))}
+    return {
+        f"onnxruntime {name}": lambda: session.run(None, feeds),
+        f"executorch {name}": lambda: method.execute(list(args)),
+    }
 
 
 def int8_runner(slots: int, folder: Path):
@@ -84,11 +88,19 @@ def int8_runner(slots: int, folder: Path):
         h.make_node("Cast", ["out32"], ["out_raw"], to=TensorProto.FLOAT),
         h.make_node("Mul", ["out_raw", "p_scale"], ["out"]),
     ]
-    inputs = [("queries", TensorProto.FLOAT, [kv, q, d]), ("keys", TensorProto.INT8, [kv, d, c]),
-              ("key_scales", TensorProto.FLOAT, [kv, 1, c]), ("values", TensorProto.INT8, [kv, c, d]),
-              ("value_scales", TensorProto.FLOAT, [kv, 1, c])]
-    graph = h.make_graph(nodes, "int8_cache_attention", [h.make_tensor_value_info(*i) for i in inputs],
-                         [h.make_tensor_value_info("out", TensorProto.FLOAT, [kv, q, d])])
+    inputs = [
+        ("queries", TensorProto.FLOAT, [kv, q, d]),
+        ("keys", TensorProto.INT8, [kv, d, c]),
+        ("key_scales", TensorProto.FLOAT, [kv, 1, c]),
+        ("values", TensorProto.INT8, [kv, c, d]),
+        ("value_scales", TensorProto.FLOAT, [kv, 1, c]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "int8_cache_attention",
+        [h.make_tensor_value_info(*i) for i in inputs],
+        [h.make_tensor_value_info("out", TensorProto.FLOAT, [kv, q, d])],
+    )
     path = folder / "attention_int8.onnx"
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -97,10 +109,13 @@ def int8_runner(slots: int, folder: Path):
     queries = rng.standard_normal((kv, q, d)).astype(np.float32)
     k_scale, v_scale = (np.abs(x).max(-1, keepdims=True) / 127 for x in (keys, values))
     keys8 = np.rint(keys / k_scale).astype(np.int8)
-    feeds = {"queries": queries, "keys": np.ascontiguousarray(keys8.transpose(0, 2, 1)),
-             "key_scales": np.ascontiguousarray(k_scale.transpose(0, 2, 1)),
-             "values": np.rint(values / v_scale).astype(np.int8),
-             "value_scales": np.ascontiguousarray(v_scale.transpose(0, 2, 1))}
+    feeds = {
+        "queries": queries,
+        "keys": np.ascontiguousarray(keys8.transpose(0, 2, 1)),
+        "key_scales": np.ascontiguousarray(k_scale.transpose(0, 2, 1)),
+        "values": np.rint(values / v_scale).astype(np.int8),
+        "value_scales": np.ascontiguousarray(v_scale.transpose(0, 2, 1)),
+    }
     scores = queries @ keys.transpose(0, 2, 1)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     exact = probs / probs.sum(-1, keepdims=True) @ values
@@ -116,8 +131,11 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         int8, int8_error = int8_runner(args.slots, Path(tmp))
-        variants = {**runners(torch.float32, args.slots, Path(tmp)), **runners(torch.float16, args.slots, Path(tmp)),
-                    "onnxruntime int8": int8}
+        variants = {
+            **runners(torch.float32, args.slots, Path(tmp)),
+            **runners(torch.float16, args.slots, Path(tmp)),
+            "onnxruntime int8": int8,
+        }
         times = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, run in variants.items():

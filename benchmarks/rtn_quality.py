@@ -27,8 +27,14 @@ from runtimes.cli_ppl import read_text, read_tokens, stream_nll  # noqa: E402
 from runtimes.manifest import load_tokenizer  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
-SCHEMES = {"fp32": None, "int8 symmetric": (8, True), "int4 symmetric": (4, True), "int4 asymmetric": (4, False),
-           "int4 affine": "affine", "int4 affine, fp32 embedding": "affine"}
+SCHEMES = {
+    "fp32": None,
+    "int8 symmetric": (8, True),
+    "int4 symmetric": (4, True),
+    "int4 asymmetric": (4, False),
+    "int4 affine": "affine",
+    "int4 affine, fp32 embedding": "affine",
+}
 
 
 def round_trip(w: torch.Tensor, bits: int | str, symmetric: bool = False, group: int = 32) -> torch.Tensor:

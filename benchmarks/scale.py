@@ -37,15 +37,44 @@ from benchmarks.streaming import read_bandwidth  # noqa: E402
 
 # name -> Hugging Face config fields (random weights: only the shapes are the real models')
 SHAPES = {
-    "1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
-               intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32768, hidden_size=4096,
-               intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
-               rope_theta=1000000.0, sliding_window=None),
+    "1b": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "7b": dict(
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        vocab_size=32768,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        sliding_window=None,
+    ),
 }
 SHARD_BYTES = 2 << 30
 
@@ -64,13 +93,19 @@ def write_checkpoint(folder: Path, fields: dict, seed: int = 0) -> Path:
     shapes = {"model.embed_tokens.weight": (fields["vocab_size"], h)}
     for i in range(n):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (fields["num_attention_heads"] * d, h),
-                       p + "self_attn.k_proj.weight": (kv * d, h), p + "self_attn.v_proj.weight": (kv * d, h),
-                       p + "self_attn.o_proj.weight": (h, fields["num_attention_heads"] * d),
-                       p + "mlp.gate_proj.weight": (fields["intermediate_size"], h),
-                       p + "mlp.up_proj.weight": (fields["intermediate_size"], h),
-                       p + "mlp.down_proj.weight": (h, fields["intermediate_size"])})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (fields["num_attention_heads"] * d, h),
+                p + "self_attn.k_proj.weight": (kv * d, h),
+                p + "self_attn.v_proj.weight": (kv * d, h),
+                p + "self_attn.o_proj.weight": (h, fields["num_attention_heads"] * d),
+                p + "mlp.gate_proj.weight": (fields["intermediate_size"], h),
+                p + "mlp.up_proj.weight": (fields["intermediate_size"], h),
+                p + "mlp.down_proj.weight": (h, fields["intermediate_size"]),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     if not fields["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (fields["vocab_size"], h)
@@ -102,11 +137,14 @@ def write_checkpoint(folder: Path, fields: dict, seed: int = 0) -> Path:
 def peak_rss_run(cmd: list[str], log: Path | None = None) -> tuple[int, float, float]:
     """Run cmd in a child process: (exit code, wall seconds, its peak RSS in GB). A fresh interpreter runs it, so
     the peak is that command's alone (RUSAGE_CHILDREN of a process with one child)."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "code = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
-             "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, str(log or "/dev/null"), *cmd], capture_output=True,
-                         text=True, check=True).stdout.split()
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "code = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
+        "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(log or "/dev/null"), *cmd], capture_output=True, text=True, check=True
+    ).stdout.split()
     return int(out[0]), float(out[1]), int(out[2]) / 1e6
 
 
@@ -181,8 +219,19 @@ def llama_gguf(ckpt: Path, src: Path, qtype: str) -> Path:
     for f in load_checkpoint().tokenizer_dir.glob("tokenizer*.json"):
         shutil.copy(f, staged / f.name)
     f16 = ckpt.parent / f"{ckpt.name}-f16.gguf"
-    done = subprocess.run([sys.executable, str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(staged),
-                           "--outfile", str(f16), "--outtype", "f16"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"),
+            str(staged),
+            "--outfile",
+            str(f16),
+            "--outtype",
+            "f16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         sys.exit(f"llama.cpp's convert_hf_to_gguf.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
     params = llama_cpp.llama_model_quantize_default_params()
@@ -199,38 +248,68 @@ def llama_decode_ms(gguf: Path, positions: list[int], flash: bool, threads: int 
     with flash attention on or off (llama.cpp's tools turn it on for a CPU, `-fa auto`; the binding leaves it off)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=max(positions) + 100, n_threads=threads, n_threads_batch=threads,
-                n_batch=64, flash_attn=flash, verbose=False)
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=max(positions) + 100,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=64,
+        flash_attn=flash,
+        verbose=False,
+    )
     return time_decode(llm.eval, llm.n_vocab(), 64, positions)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=SHAPES, default="1b",
-                    help="1b: Llama-3.2-1B's shape; 7b: Mistral-7B's (default: %(default)s)")
+    ap.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="1b",
+        help="1b: Llama-3.2-1B's shape; 7b: Mistral-7B's (default: %(default)s)",
+    )
     ap.add_argument("--targets", default="onnx,openvino,executorch,coreml", help="comma-separated, run one at a time")
     ap.add_argument("--schemes", default="int4,none", help="comma-separated: none (fp32; Core ML fp16), int8, int4")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekv-scale"),
-                    help="where the checkpoint (written once, reused) and the artifacts go (default: %(default)s)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/edgekv-scale"),
+        help="where the checkpoint (written once, reused) and the artifacts go (default: %(default)s)",
+    )
     ap.add_argument("--window", type=int, default=124, help="the ring's W (S is 4, chunk 64; default: %(default)s)")
     ap.add_argument("--positions", default="1024,4096", help="stream positions to time decode at")
     ap.add_argument("--decode-only", action="store_true", help="reuse artifacts kept by --keep, time decode")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep each artifact (by default it is deleted once measured: a 7B sweep writes tens of GB)")
-    ap.add_argument("--validate", action="store_true",
-                    help="also run `edgekv validate --no-cross-check` on each quantized artifact: wall, peak RSS, and "
-                         "its reference pair (the reference streams the checkpoint a layer at a time)")
-    ap.add_argument("--llama-cpp", type=Path, metavar="SRC",
-                    help="an unpacked llama-cpp-python source distribution (installed): time llama.cpp's decode on the "
-                         "same weights, converted and quantized with its own tools")
-    ap.add_argument("--llama-types", default="q4_0",
-                    help="llama.cpp quantization types (with --llama-cpp), each timed with flash attention off and on; "
-                         "q4_0 is its fastest here (q4_1 took 1.8x its time at 1,024)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each artifact (by default it is deleted once measured: a 7B sweep writes tens of GB)",
+    )
+    ap.add_argument(
+        "--validate",
+        action="store_true",
+        help="also run `edgekv validate --no-cross-check` on each quantized artifact: wall, peak RSS, and "
+        "its reference pair (the reference streams the checkpoint a layer at a time)",
+    )
+    ap.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="SRC",
+        help="an unpacked llama-cpp-python source distribution (installed): time llama.cpp's decode on the "
+        "same weights, converted and quantized with its own tools",
+    )
+    ap.add_argument(
+        "--llama-types",
+        default="q4_0",
+        help="llama.cpp quantization types (with --llama-cpp), each timed with flash attention off and on; "
+        "q4_0 is its fastest here (q4_1 took 1.8x its time at 1,024)",
+    )
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     args = ap.parse_args()
     if args.llama_cpp and not (args.llama_cpp / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
-        sys.exit(f"{args.llama_cpp} is not an unpacked llama-cpp-python source distribution (no "
-                 "vendor/llama.cpp/convert_hf_to_gguf.py): see this script's docstring")
+        sys.exit(
+            f"{args.llama_cpp} is not an unpacked llama-cpp-python source distribution (no "
+            "vendor/llama.cpp/convert_hf_to_gguf.py): see this script's docstring"
+        )
     ckpt = write_checkpoint(args.work / f"ckpt-{args.shape}", SHAPES[args.shape])
     positions = [int(p) for p in args.positions.split(",") if p]
     rows = []
@@ -240,8 +319,23 @@ def main() -> None:
             folder = out / (target if scheme == "none" else f"{target}-{scheme}")
             row = {"shape": args.shape, "target": target, "scheme": scheme}
             if not args.decode_only:
-                cmd = [sys.executable, "-m", "exporter.cli", "export", "--target", target, "--quantize", scheme,
-                       "--model", str(ckpt), "--window", str(args.window), "--out", str(out), "--force"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "exporter.cli",
+                    "export",
+                    "--target",
+                    target,
+                    "--quantize",
+                    scheme,
+                    "--model",
+                    str(ckpt),
+                    "--window",
+                    str(args.window),
+                    "--out",
+                    str(out),
+                    "--force",
+                ]
                 code, wall, rss = peak_rss_run(cmd, args.work / f"export-{args.shape}-{target}-{scheme}.log")
                 row.update(exit=code, wall_s=round(wall, 1), peak_rss_gb=round(rss, 2))
                 print(json.dumps(row), flush=True)
@@ -258,22 +352,31 @@ def main() -> None:
     for qtype in args.llama_types.split(",") if args.llama_cpp else []:
         gguf = llama_gguf(ckpt, args.llama_cpp, qtype)
         for flash in (False, True):
-            row = {"shape": args.shape, "target": f"llama.cpp{' -fa' if flash else ''}", "scheme": qtype,
-                   "size_gb": round(gguf.stat().st_size / 1e9, 2), "decode": llama_decode_ms(gguf, positions, flash)}
+            row = {
+                "shape": args.shape,
+                "target": f"llama.cpp{' -fa' if flash else ''}",
+                "scheme": qtype,
+                "size_gb": round(gguf.stat().st_size / 1e9, 2),
+                "decode": llama_decode_ms(gguf, positions, flash),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     # The bandwidth floor of a decode step: every weight byte read once (the 128-slot cache is a few MB).
     bw = read_bandwidth()["all_threads"] if any("decode" in r for r in rows) else None
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "bandwidth_gb_s": bw}, indent=2))
-    print(f"\n| target | precision | wall | peak RSS | size | decode ms/token at {', '.join(map(str, positions))} "
-          "| floor |")
+    print(
+        f"\n| target | precision | wall | peak RSS | size | decode ms/token at {', '.join(map(str, positions))} "
+        "| floor |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         dec = " / ".join(f"{v['ms']:.1f}" for v in r.get("decode", {}).values()) or "not run here"
         floor = f"{r['size_gb'] / bw * 1000:.1f} ms" if bw and "decode" in r else "-"
-        print(f"| {r['target']} | {r['scheme']} | {r.get('wall_s', '-')} s | {r.get('peak_rss_gb', '-')} GB | "
-              f"{r.get('size_gb', '-')} GB | {dec} | {floor} |")
+        print(
+            f"| {r['target']} | {r['scheme']} | {r.get('wall_s', '-')} s | {r.get('peak_rss_gb', '-')} GB | "
+            f"{r.get('size_gb', '-')} GB | {dec} | {floor} |"
+        )
     if bw:
         print(f"memory read bandwidth {bw:.1f} GB/s (two threads); floor = artifact bytes / bandwidth")
 

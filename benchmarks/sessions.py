@@ -70,10 +70,19 @@ def main() -> None:
     load_session(fresh, args.out / "full.safetensors")
     loaded = time.perf_counter() - start
     m = runner.manifest
-    result = {"target": args.target, "model": m["source"]["model"], "prefix_tokens": prefix_tokens,
-              "ttft_prefill_s": statistics.median(ttft["prefill"]), "ttft_prefix_s": statistics.median(ttft["prefix"]),
-              "runs": args.runs, "session_bytes_full_ring": size, "save_s": saved, "load_s": loaded,
-              "cache": f"{m['sink']}+{m['window']}", "prefix_bytes": (pinned / "prefix.safetensors").stat().st_size}
+    result = {
+        "target": args.target,
+        "model": m["source"]["model"],
+        "prefix_tokens": prefix_tokens,
+        "ttft_prefill_s": statistics.median(ttft["prefill"]),
+        "ttft_prefix_s": statistics.median(ttft["prefix"]),
+        "runs": args.runs,
+        "session_bytes_full_ring": size,
+        "save_s": saved,
+        "load_s": loaded,
+        "cache": f"{m['sink']}+{m['window']}",
+        "prefix_bytes": (pinned / "prefix.safetensors").stat().st_size,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -41,8 +41,21 @@ def export_missing(out: Path, schemes: list[str]) -> None:
         for target in TARGETS:
             if not (out / folder_name(target, scheme) / "edgekv.json").is_file():
                 print(f"exporting SmolLM2 to {target} ({scheme}; ExecuTorch takes 4-7 minutes)", file=sys.stderr)
-                subprocess.run([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--quantize",
-                                scheme, "--out", str(out)], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "exporter.cli",
+                        "export",
+                        "--target",
+                        target,
+                        "--quantize",
+                        scheme,
+                        "--out",
+                        str(out),
+                    ],
+                    check=True,
+                )
 
 
 def bench_llamacpp(positions: list[int], steps: int, threads: int) -> dict:
@@ -53,14 +66,20 @@ def bench_llamacpp(positions: list[int], steps: int, threads: int) -> dict:
     from runtimes.manifest import load_tokenizer
 
     ckpt = load_checkpoint()
-    llm = Llama(model_path=str(ckpt.files[0]), n_ctx=positions[-1] + steps + 64, n_threads=threads,
-                n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=str(ckpt.files[0]),
+        n_ctx=positions[-1] + steps + 64,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
     ids = stream_ids(load_tokenizer(ckpt.tokenizer_dir), positions[-1] + steps)
     llm.reset()
     ms, lo, hi, rss = [], [], [], []
     for p in positions:
         if llm.n_tokens < p:
-            llm.eval(ids[llm.n_tokens:p])  # fill in batches of n_batch; not timed
+            llm.eval(ids[llm.n_tokens : p])  # fill in batches of n_batch; not timed
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -70,14 +89,38 @@ def bench_llamacpp(positions: list[int], steps: int, threads: int) -> dict:
         lo.append(1e3 * float(np.percentile(times, 10)))
         hi.append(1e3 * float(np.percentile(times, 90)))
         rss.append(peak_rss_mb())
-    return {"artifact": f"llama.cpp ({ckpt.files[0].name})", "target": "llama.cpp", "name": "llama.cpp",
-            "positions": positions, "ms_per_token": ms, "ms_p10": lo, "ms_p90": hi, "rss_mb": rss,
-            "threads": threads, "llama_cpp_python_version": __version__}
+    return {
+        "artifact": f"llama.cpp ({ckpt.files[0].name})",
+        "target": "llama.cpp",
+        "name": "llama.cpp",
+        "positions": positions,
+        "ms_per_token": ms,
+        "ms_p10": lo,
+        "ms_p90": hi,
+        "rss_mb": rss,
+        "threads": threads,
+        "llama_cpp_python_version": __version__,
+    }
 
 
 def artifact_ppl(folder: Path, tokens: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "exporter.cli", "ppl", str(folder), "--text", str(TEXT),
-                        "--tokens", str(tokens), "--json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter.cli",
+            "ppl",
+            str(folder),
+            "--text",
+            str(TEXT),
+            "--tokens",
+            str(tokens),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout)
 
 
@@ -98,12 +141,12 @@ def bench_transformers(positions: list[int], steps: int) -> dict:
         for p in positions:
             while pos < p:  # fill the cache in chunks; not timed
                 n = min(512, p - pos)
-                model(ids[:, pos:pos + n], past_key_values=cache, use_cache=True)
+                model(ids[:, pos : pos + n], past_key_values=cache, use_cache=True)
                 pos += n
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
-                model(ids[:, pos:pos + 1], past_key_values=cache, use_cache=True)
+                model(ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
                 times.append(time.perf_counter() - start)
                 pos += 1
             ms.append(1e3 * float(np.median(times)))
@@ -113,9 +156,18 @@ def bench_transformers(positions: list[int], steps: int) -> dict:
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embedding counted once
     cache_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # per cached token, fp32
-    return {"artifact": "transformers (eager, DynamicCache)", "target": "transformers", "positions": positions,
-            "ms_per_token": ms, "ms_p10": lo, "ms_p90": hi, "rss_mb": rss, "weight_bytes": weights,
-            "cache_bytes_per_token": cache_bytes, "transformers_version": __import__("transformers").__version__}
+    return {
+        "artifact": "transformers (eager, DynamicCache)",
+        "target": "transformers",
+        "positions": positions,
+        "ms_per_token": ms,
+        "ms_p10": lo,
+        "ms_p90": hi,
+        "rss_mb": rss,
+        "weight_bytes": weights,
+        "cache_bytes_per_token": cache_bytes,
+        "transformers_version": __import__("transformers").__version__,
+    }
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 7) -> dict:
@@ -171,10 +223,22 @@ def speed(folders: list[Path], args) -> dict:
     peer_positions = [capacity, *HF_POSITIONS[1:]]
     print("bench transformers", file=sys.stderr)
     hf = in_fresh_process(bench_transformers, peer_positions, args.steps)
-    print(report({**hf, "size_mb": 0, "sink": 0, "window": hf["positions"][-1], "chunk": 512,
-                  "prefill_tok_s": None, "decode_tok_s": 1e3 / hf["ms_per_token"][0],
-                  "flat_ms_ratio": hf["ms_per_token"][-1] / hf["ms_per_token"][0],
-                  "rss_growth": hf["rss_mb"][-1] / hf["rss_mb"][0] - 1}), file=sys.stderr)
+    print(
+        report(
+            {
+                **hf,
+                "size_mb": 0,
+                "sink": 0,
+                "window": hf["positions"][-1],
+                "chunk": 512,
+                "prefill_tok_s": None,
+                "decode_tok_s": 1e3 / hf["ms_per_token"][0],
+                "flat_ms_ratio": hf["ms_per_token"][-1] / hf["ms_per_token"][0],
+                "rss_growth": hf["rss_mb"][-1] / hf["rss_mb"][0] - 1,
+            }
+        ),
+        file=sys.stderr,
+    )
     peers = [hf]
     try:
         import llama_cpp  # noqa: F401  a benchmark peer, not a dependency
@@ -193,8 +257,13 @@ def speed(folders: list[Path], args) -> dict:
     print(summary["text"])
     if args.plot:
         plot([*results, *peers], args.plot)
-    return {"results": results, "transformers": hf, "peers": peers, "bandwidth_gb_s": bw,
-            "summary": {k: v for k, v in summary.items() if k != "text"}}
+    return {
+        "results": results,
+        "transformers": hf,
+        "peers": peers,
+        "bandwidth_gb_s": bw,
+        "summary": {k: v for k, v in summary.items() if k != "text"},
+    }
 
 
 def quality(folders: list[Path], tokens: int) -> dict:
@@ -224,25 +293,40 @@ def summarize(results: list[dict], peers: list[dict], bw: dict, capacity: int) -
     floor_ms = 1e3 * step_bytes / (max(bw["one_thread"], bw["all_threads"]) * 1e9)
     fp32 = [r for r in results if r["quantization"] == "none"]
     fastest = min(fp32, key=lambda r: at(r, 4096))
-    s = {"floor_ms": floor_ms, "step_bytes": step_bytes, "fastest": fastest["target"],
-         "speedup_vs_transformers_4096": at(hf, 4096) / at(fastest, 4096),
-         "fastest_over_floor": at(fastest, 4096) / floor_ms, "per_target": {}}
-    lines = [f"{'artifact':<18}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
-             + "".join(f"{'ms@' + str(p):>10}" for p in results[0]["positions"])
-             + f"{'ms ratio':>10}{'RSS MB':>9}{'RSS growth':>12}"]
+    s = {
+        "floor_ms": floor_ms,
+        "step_bytes": step_bytes,
+        "fastest": fastest["target"],
+        "speedup_vs_transformers_4096": at(hf, 4096) / at(fastest, 4096),
+        "fastest_over_floor": at(fastest, 4096) / floor_ms,
+        "per_target": {},
+    }
+    lines = [
+        f"{'artifact':<18}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
+        + "".join(f"{'ms@' + str(p):>10}" for p in results[0]["positions"])
+        + f"{'ms ratio':>10}{'RSS MB':>9}{'RSS growth':>12}"
+    ]
     for r in results:
         speed = r["prefill_tok_s"] / r["decode_tok_s"]
-        s["per_target"][r["name"]] = {"flat_ms_ratio": r["flat_ms_ratio"], "rss_growth": r["rss_growth"],
-                                      "prefill_over_decode": speed}
-        lines.append(f"{r['name']:<18}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
-                     + "".join(f"{v:>10.2f}" for v in r["ms_per_token"])
-                     + f"{r['flat_ms_ratio']:>9.3f}x{r['rss_mb'][-1]:>9.0f}{100 * r['rss_growth']:>+11.2f}%")
+        s["per_target"][r["name"]] = {
+            "flat_ms_ratio": r["flat_ms_ratio"],
+            "rss_growth": r["rss_growth"],
+            "prefill_over_decode": speed,
+        }
+        lines.append(
+            f"{r['name']:<18}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
+            + "".join(f"{v:>10.2f}" for v in r["ms_per_token"])
+            + f"{r['flat_ms_ratio']:>9.3f}x{r['rss_mb'][-1]:>9.0f}{100 * r['rss_growth']:>+11.2f}%"
+        )
     for peer in peers:
-        lines.append(f"{peer['target']:<18}{'':>9}{'':>15}{'':>16}"
-                     + "".join(f"{at(peer, p):>10.2f}" if p in peer["positions"] else f"{'-':>10}"
-                               for p in results[0]["positions"])
-                     + f"{at(peer, 8192) / at(peer, capacity):>9.3f}x{peer['rss_mb'][-1]:>9.0f}"
-                     + f"{100 * (peer['rss_mb'][-1] / peer['rss_mb'][0] - 1):>+11.2f}%")
+        lines.append(
+            f"{peer['target']:<18}{'':>9}{'':>15}{'':>16}"
+            + "".join(
+                f"{at(peer, p):>10.2f}" if p in peer["positions"] else f"{'-':>10}" for p in results[0]["positions"]
+            )
+            + f"{at(peer, 8192) / at(peer, capacity):>9.3f}x{peer['rss_mb'][-1]:>9.0f}"
+            + f"{100 * (peer['rss_mb'][-1] / peer['rss_mb'][0] - 1):>+11.2f}%"
+        )
     lines += [
         "",
         f"memory read bandwidth: {bw['one_thread']:.1f} GB/s one thread, {bw['all_threads']:.1f} GB/s "
@@ -250,14 +334,17 @@ def summarize(results: list[dict], peers: list[dict], bw: dict, capacity: int) -
         f"bandwidth floor per decode step: {step_bytes / 1e6:.0f} MB (weights + fixed cache) / "
         f"{max(bw['one_thread'], bw['all_threads']):.1f} GB/s = {floor_ms:.1f} ms",
         f"flat (ms/token at {last} vs {capacity}): "
-        + ", ".join(f"{r['name']} x{r['flat_ms_ratio']:.3f}" for r in results) + "  (goal <= 1.10)",
+        + ", ".join(f"{r['name']} x{r['flat_ms_ratio']:.3f}" for r in results)
+        + "  (goal <= 1.10)",
         "RSS growth over the same span: "
-        + ", ".join(f"{r['name']} {100 * r['rss_growth']:+.2f}%" for r in results) + "  (goal <= 2%)",
+        + ", ".join(f"{r['name']} {100 * r['rss_growth']:+.2f}%" for r in results)
+        + "  (goal <= 2%)",
         f"fastest at 4096: {fastest['target']} {at(fastest, 4096):.2f} ms/token; transformers "
         f"{at(hf, 4096):.2f} ms/token -> {s['speedup_vs_transformers_4096']:.2f}x faster  (goal >= 2x)",
         f"fastest vs bandwidth floor: {s['fastest_over_floor']:.2f}x the floor  (goal <= 1.5x)",
         "prefill vs one-token decode: "
-        + ", ".join(f"{t} {v['prefill_over_decode']:.1f}x" for t, v in s["per_target"].items()) + "  (goal >= 5x)",
+        + ", ".join(f"{t} {v['prefill_over_decode']:.1f}x" for t, v in s["per_target"].items())
+        + "  (goal >= 5x)",
     ]
     lines += quantized_lines(results, peers, s)
     s["text"] = "\n".join(lines)
@@ -273,16 +360,21 @@ def quantized_lines(results: list[dict], peers: list[dict], s: dict) -> list[str
         if r["quantization"] != "none" and base:
             s["quantized_speedup_4096"][r["name"]] = at(base, 4096) / at(r, 4096)
     if s["quantized_speedup_4096"]:
-        lines.append("quantized vs fp32 of the same target at 4096: " + ", ".join(
-            f"{k} {v:.2f}x" for k, v in s["quantized_speedup_4096"].items()) + "  (goal: int4 >= 2x on two targets)")
+        lines.append(
+            "quantized vs fp32 of the same target at 4096: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in s["quantized_speedup_4096"].items())
+            + "  (goal: int4 >= 2x on two targets)"
+        )
     int4 = [r for r in results if r["quantization"] == "int4"]
     llama = [p for p in peers if p["target"] == "llama.cpp"]
     if int4 and llama:
         best = min(int4, key=lambda r: at(r, 4096))
         s["fastest_int4_vs_llamacpp_4096"] = at(llama[0], 4096) / at(best, 4096)
-        lines.append(f"fastest int4 at 4096: {best['name']} {at(best, 4096):.2f} ms/token; llama.cpp "
-                     f"({llama[0]['threads']} threads) {at(llama[0], 4096):.2f} ms/token -> "
-                     f"{s['fastest_int4_vs_llamacpp_4096']:.2f}x  (goal >= 1.0)")
+        lines.append(
+            f"fastest int4 at 4096: {best['name']} {at(best, 4096):.2f} ms/token; llama.cpp "
+            f"({llama[0]['threads']} threads) {at(llama[0], 4096):.2f} ms/token -> "
+            f"{s['fastest_int4_vs_llamacpp_4096']:.2f}x  (goal >= 1.0)"
+        )
     return lines
 
 

@@ -47,8 +47,9 @@ def slot_index(pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     return torch.where(pos < sink, pos, ring)
 
 
-def rope_frames(q_pos: torch.Tensor, k_pos: torch.Tensor, k_slot: torch.Tensor, sink: int, window: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frames(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, k_slot: torch.Tensor, sink: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary rows for keys rotated once, at their slot, when written (so a cached key is never rotated again).
 
     A key in slot j sits at rotary row j. The contract's query-key distance is then reached from three query
@@ -67,8 +68,13 @@ def rope_frames(q_pos: torch.Tensor, k_pos: torch.Tensor, k_slot: torch.Tensor, 
     same_lap = k_slot[None, :] <= q_slot[:, None]
     in_ring = torch.logical_not(k_is_sink)
     # The sink mask broadcast to [Tq, Tk] by an always-true comparison, not expand (Core ML's tile).
-    frames = torch.stack([torch.logical_and(k_is_sink, q_slot[:, None] >= 0), torch.logical_and(in_ring, same_lap),
-                          torch.logical_and(in_ring, torch.logical_not(same_lap))])
+    frames = torch.stack(
+        [
+            torch.logical_and(k_is_sink, q_slot[:, None] >= 0),
+            torch.logical_and(in_ring, same_lap),
+            torch.logical_and(in_ring, torch.logical_not(same_lap)),
+        ]
+    )
     return rows, frames
 
 

@@ -41,8 +41,9 @@ def export_stack(module: str, command: str):
     except ModuleNotFoundError as e:
         if not module.startswith("exporter.") or (e.name or "").split(".")[0] in ("exporter", "runtimes"):
             raise
-        raise EdgekvError(f"`edgekv {command}` needs the export stack ({e.name} is not installed); "
-                          "pip install 'edgekv[export]'") from None
+        raise EdgekvError(
+            f"`edgekv {command}` needs the export stack ({e.name} is not installed); pip install 'edgekv[export]'"
+        ) from None
 
 
 def run(argv: list[str]) -> int:

@@ -71,16 +71,20 @@ class ModelConfig:
             what = f"has no field {e}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
             raise ConfigError(f"config.json {what}; fix it or re-download the checkpoint") from None
         if cfg.num_heads % cfg.num_kv_heads:
-            raise ConfigError(f"config.json: num_attention_heads {cfg.num_heads} is not a multiple of "
-                              f"num_key_value_heads {cfg.num_kv_heads}")
+            raise ConfigError(
+                f"config.json: num_attention_heads {cfg.num_heads} is not a multiple of "
+                f"num_key_value_heads {cfg.num_kv_heads}"
+            )
         return cfg
 
     @classmethod
     def _from_hf(cls, hf: dict) -> ModelConfig:
         model_type = hf.get("model_type")
         if model_type == "gemma3":
-            raise ConfigError("this is a multimodal Gemma 3 checkpoint; export its text model (model_type "
-                              "gemma3_text, e.g. Gemma 3 270M or 1B)")
+            raise ConfigError(
+                "this is a multimodal Gemma 3 checkpoint; export its text model (model_type "
+                "gemma3_text, e.g. Gemma 3 270M or 1B)"
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; edgekv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -101,7 +105,8 @@ class ModelConfig:
             raise ConfigError(f"partial_rotary_factor {partial} gives {rotary_dim} rotary dims; need an even number")
         if global_rope["rope_type"] == "longrope":
             global_rope["original_max_position_embeddings"] = hf.get(
-                "original_max_position_embeddings", global_rope.get("original_max_position_embeddings"))
+                "original_max_position_embeddings", global_rope.get("original_max_position_embeddings")
+            )
             global_rope.setdefault("max_position_embeddings", hf.get("max_position_embeddings", 2048))
         window = hf.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
@@ -198,10 +203,17 @@ class ModelConfig:
 # Fields that size tensors or tables: (required, upper bound). A bound far above any real model's keeps an
 # allocation from ever being sized by an unchecked number; the weights' shapes are checked against them next.
 SIZE_FIELDS = {
-    "vocab_size": (True, 1 << 24), "hidden_size": (True, 1 << 16), "intermediate_size": (True, 1 << 18),
-    "num_hidden_layers": (True, 1024), "num_attention_heads": (True, 1024), "num_key_value_heads": (False, 1024),
-    "head_dim": (False, 4096), "max_position_embeddings": (False, 1 << 24), "sliding_window": (False, 1 << 24),
-    "original_max_position_embeddings": (False, 1 << 24), "query_pre_attn_scalar": (False, 1 << 16),
+    "vocab_size": (True, 1 << 24),
+    "hidden_size": (True, 1 << 16),
+    "intermediate_size": (True, 1 << 18),
+    "num_hidden_layers": (True, 1024),
+    "num_attention_heads": (True, 1024),
+    "num_key_value_heads": (False, 1024),
+    "head_dim": (False, 4096),
+    "max_position_embeddings": (False, 1 << 24),
+    "sliding_window": (False, 1 << 24),
+    "original_max_position_embeddings": (False, 1 << 24),
+    "query_pre_attn_scalar": (False, 1 << 16),
 }
 
 
@@ -272,15 +284,15 @@ def cache_sizes(cfg: ModelConfig, sink: int | None, window: int | None, allow_lo
     slots = max(sink + window, cfg.local_window or 0)
     cache = 2 * cfg.num_layers * cfg.num_kv_heads * slots * cfg.head_dim * 4
     if cache > physical_memory():  # checked before anything is allocated: a typo'd --window is one line, not a crash
-        raise ConfigError(f"a {slots}-slot cache takes {cache / 1e9:.1f} GB, more than this machine's "
-                          f"{physical_memory() / 1e9:.1f} GB of memory; lower --window")
-    if sink + window > cfg.trained_context:
-        msg = (
-            f"sink + window = {sink + window} exceeds the model's trained context "
-            f"({cfg.trained_context} tokens)"
+        raise ConfigError(
+            f"a {slots}-slot cache takes {cache / 1e9:.1f} GB, more than this machine's "
+            f"{physical_memory() / 1e9:.1f} GB of memory; lower --window"
         )
+    if sink + window > cfg.trained_context:
+        msg = f"sink + window = {sink + window} exceeds the model's trained context ({cfg.trained_context} tokens)"
         if not allow_long:
             raise ConfigError(msg + "; lower --window or pass --allow-long-context")
-        warnings.warn(msg + "; rotary positions past the trained context may degrade quality", EdgekvWarning,
-                      stacklevel=2)
+        warnings.warn(
+            msg + "; rotary positions past the trained context may degrade quality", EdgekvWarning, stacklevel=2
+        )
     return sink, window

@@ -38,21 +38,40 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, choices=[*TARGETS, "all"], help="format to export to")
     p.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--sink", type=int, help=f"sink slots S (default {DEFAULT_SINK})")
-    p.add_argument("--window", type=int,
-                   help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                   help=f"tokens per prefill call (default {DEFAULT_CHUNK})")
-    p.add_argument("--quantize", choices=SCHEMES, default="none",
-                   help="weight quantization, with each target's own tool (default none: fp32, Core ML fp16)")
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
-                   help=f"input channels per weight scale (default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--out", type=Path, default=Path("out"),
-                   help="artifacts go to OUT/<target>/, or OUT/<target>-<scheme>/ when quantized (default ./out)")
+    p.add_argument(
+        "--window", type=int, help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=DEFAULT_CHUNK, help=f"tokens per prefill call (default {DEFAULT_CHUNK})"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=SCHEMES,
+        default="none",
+        help="weight quantization, with each target's own tool (default none: fp32, Core ML fp16)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=DEFAULT_GROUP_SIZE,
+        help=f"input channels per weight scale (default {DEFAULT_GROUP_SIZE})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        help="artifacts go to OUT/<target>/, or OUT/<target>-<scheme>/ when quantized (default ./out)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
-    p.add_argument("--system-prompt", type=Path, metavar="FILE",
-                   help="pin this system prompt: rendered with the chat template, held in the sink (sized to it) "
-                        "and shipped as the artifact's initial session, prefix.safetensors")
+    p.add_argument(
+        "--system-prompt",
+        type=Path,
+        metavar="FILE",
+        help="pin this system prompt: rendered with the chat template, held in the sink (sized to it) "
+        "and shipped as the artifact's initial session, prefix.safetensors",
+    )
 
 
 def return_freed_memory() -> None:
@@ -102,16 +121,24 @@ def main(args: argparse.Namespace) -> int:
                 sink = args.sink
             sink, window = cache_sizes(ckpt.config, sink, args.window, args.allow_long_context)
             check_quantization(quant, ckpt.config)
-            log(f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
-                f"S={sink} W={window}")
+            log(
+                f"loading {ckpt.source} ({ckpt.config.model_type}, {ckpt.config.num_layers} layers), "
+                f"S={sink} W={window}"
+            )
             base = manifest_base(ckpt, sink, window, args.chunk)
             # A model per target, read from the checkpoint for that export alone (which may free its weights once
             # they are written); quantized, its weights go into the target's form as they are read (memory: the
             # quantized model and one float tensor).
             for t in targets:
-                model = build_model(ckpt, sink, window, max_chunk=args.chunk, last_logits_only=True,
-                                    pack=Packer(t, quant) if quant.bits else None,
-                                    dtype=None if quant.bits else getattr(target_module(t), "FLOAT_DTYPE", None))
+                model = build_model(
+                    ckpt,
+                    sink,
+                    window,
+                    max_chunk=args.chunk,
+                    last_logits_only=True,
+                    pack=Packer(t, quant) if quant.bits else None,
+                    dtype=None if quant.bits else getattr(target_module(t), "FLOAT_DTYPE", None),
+                )
                 log(f"model loaded{f', {quant.scheme} weights in the {t} form' if quant.bits else ''}")
                 written.append(export_one(model, ckpt, t, folders[t], base, args.chunk, quant, prefix, owned=True))
                 del model
@@ -136,17 +163,28 @@ def manifest_base(ckpt, sink: int, window: int, chunk: int) -> dict:
         "edgekv_version": edgekv_version(),
         "source": {"model": ckpt.source, "kind": ckpt.kind, "weights_sha256": ckpt.weights_hash()},
         "architecture": {
-            "model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "model_type": cfg.model_type,
+            "num_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.max_position_embeddings,
         },
-        "sink": sink, "window": window, "chunk": chunk,
+        "sink": sink,
+        "window": window,
+        "chunk": chunk,
         "vocab_size": cfg.vocab_size,
         "special_tokens": special_tokens(ckpt.tokenizer_dir, load_tokenizer(ckpt.tokenizer_dir)),
-        "cache_layout": ("[2 (keys, values), layer, kv_head, slot, head_dim], one tensor per layer and half where the "
-                         "target splits it; keys stored rotated as their slot's position (docs/cache.md)"),
-        **({"local": {"window": cfg.local_window, "layers": [i for i in range(cfg.num_layers) if cfg.is_local(i)]}}
-           if cfg.local_window else {}),
+        "cache_layout": (
+            "[2 (keys, values), layer, kv_head, slot, head_dim], one tensor per layer and half where the "
+            "target splits it; keys stored rotated as their slot's position (docs/cache.md)"
+        ),
+        **(
+            {"local": {"window": cfg.local_window, "layers": [i for i in range(cfg.num_layers) if cfg.is_local(i)]}}
+            if cfg.local_window
+            else {}
+        ),
     }
 
 
@@ -165,8 +203,7 @@ def pinned_prompt(system: str, tokenizer_dir: Path) -> dict:
     """The system prompt as the chat will hold it: the template's rendering and its tokens."""
     from runtimes.chat import ChatTemplate
 
-    rendered = ChatTemplate(tokenizer_dir).render([{"role": "system", "content": system}],
-                                                  add_generation_prompt=False)
+    rendered = ChatTemplate(tokenizer_dir).render([{"role": "system", "content": system}], add_generation_prompt=False)
     ids = load_tokenizer(tokenizer_dir).encode(rendered, add_special_tokens=False).ids
     return {"system": system, "rendered": rendered, "ids": ids}
 
@@ -196,8 +233,17 @@ def disk_hint(folder: Path, low: float = 2e9) -> str:
     return f" (only {free / 1e6:.0f} MB free on the output's disk: free some space and retry)" if free < low else ""
 
 
-def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quant: Quantization = NONE,
-               prefix: dict | None = None, owned: bool = False) -> Path:
+def export_one(
+    model,
+    ckpt,
+    target: str,
+    out: Path,
+    base: dict,
+    chunk: int,
+    quant: Quantization = NONE,
+    prefix: dict | None = None,
+    owned: bool = False,
+) -> Path:
     """Export into a hidden temporary folder beside `out`, then rename: never a half-written artifact. `owned`: the
     model is this export's alone, and the target may free its weights once they are written (OpenVINO does)."""
     module = target_module(target)
@@ -214,20 +260,27 @@ def export_one(model, ckpt, target: str, out: Path, base: dict, chunk: int, quan
         try:
             stamp = identity({**base, "target": target, "quantization": {"scheme": quant.scheme}})
             with captured():
-                entries = module.export(model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant, identity=stamp,
-                                                                owned=owned))
+                entries = module.export(
+                    model, tmp, ExportSpec(chunk=chunk, log=log, quant=quant, identity=stamp, owned=owned)
+                )
         except EdgekvError:
             raise
         except Exception as e:
-            raise EdgekvError(f"{target} export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                              f"{disk_hint(tmp)}") from e
+            raise EdgekvError(
+                f"{target} export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}{disk_hint(tmp)}"
+            ) from e
         files = dict(entries.pop("files"))
         for name in TOKENIZER_FILES:
             if (ckpt.tokenizer_dir / name).is_file():
                 shutil.copy(ckpt.tokenizer_dir / name, tmp / name)
                 files[name.removesuffix(".json").removesuffix(".jinja")] = name
-        manifest = {**base, "target": target, **entries, "files": files,
-                    "digests": {name: file_digest(tmp / name) for name in files.values()}}
+        manifest = {
+            **base,
+            "target": target,
+            **entries,
+            "files": files,
+            "digests": {name: file_digest(tmp / name) for name in files.values()},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if prefix:
             with captured():

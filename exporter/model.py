@@ -50,7 +50,7 @@ def cat_tree(parts: list[Tensor]) -> Tensor:
     time and chains longer cats, copying the growing result again at every link: for a 30-layer cache that
     was 8 copies of it per token (profiled: a quarter of decode time); the tree copies it 3 times."""
     while len(parts) > 5:
-        parts = [torch.cat(parts[i:i + 5]) for i in range(0, len(parts), 5)]
+        parts = [torch.cat(parts[i : i + 5]) for i in range(0, len(parts), 5)]
     return torch.cat(parts)
 
 
@@ -73,7 +73,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     dims (partial rotary), the first R dims rotate and the rest pass through."""
     r = 2 * cos.shape[-1]
     rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
-    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if rest is not None:  # broadcast like the rotated parts (the query's three frames)
         parts.append(rest.expand(*parts[0].shape[:-1], rest.shape[-1]))
@@ -168,8 +168,15 @@ class StreamingLM(nn.Module):
     sliding window (docs/cache.md, "Hybrid models"), in the same buffer: every layer has max(S + W, that) slots and
     a layer masks the slots its geometry does not use."""
 
-    def __init__(self, cfg: ModelConfig, sink: int, window: int, max_chunk: int = 128,
-                 dtype: torch.dtype = torch.float32, last_logits_only: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sink: int,
+        window: int,
+        max_chunk: int = 128,
+        dtype: torch.dtype = torch.float32,
+        last_logits_only: bool = False,
+    ):
         super().__init__()
         self.cfg, self.sink, self.window, self.max_chunk = cfg, sink, window, max_chunk
         self.geometry = {"global": (sink, window)}  # (S, W) of each kind of layer
@@ -234,8 +241,10 @@ class StreamingLM(nn.Module):
             dtype = cos.dtype
             zero, ninf = torch.zeros(1, dtype=dtype), torch.full((1,), float("-inf"), dtype=dtype)
             out[kind] = {
-                "q_cos": cos[rows], "q_sin": sin[rows],  # [3, T, R/2]
-                "k_cos": cos[rows[1]], "k_sin": sin[rows[1]],  # the chunk's keys at their slots
+                "q_cos": cos[rows],
+                "q_sin": sin[rows],  # [3, T, R/2]
+                "k_cos": cos[rows[1]],
+                "k_sin": sin[rows[1]],  # the chunk's keys at their slots
                 "frames": frames.to(dtype),  # [3, T, C + T]
                 "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf),  # [T, C + T]
             }

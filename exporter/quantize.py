@@ -49,8 +49,14 @@ class Quantization:
     def manifest(self, method: str, weights: str, activations: str, cache_dtype: str, grouped: bool = True) -> dict:
         """The manifest's `quantization` entry: what was quantized, how, and with which tool."""
         group = self.group_size if self.bits and grouped else None
-        return {"scheme": self.scheme, "group_size": group, "method": method,
-                "weights": weights, "activations": activations, "cache_dtype": cache_dtype}
+        return {
+            "scheme": self.scheme,
+            "group_size": group,
+            "method": method,
+            "weights": weights,
+            "activations": activations,
+            "cache_dtype": cache_dtype,
+        }
 
 
 NONE = Quantization()
@@ -62,8 +68,11 @@ def check_quantization(quant: Quantization, cfg: ModelConfig) -> None:
         raise EdgekvError(f"unknown --quantize {quant.scheme!r}; choose one of {', '.join(SCHEMES)}")
     if not quant.bits:
         return
-    widths = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-              "num_heads x head_dim": cfg.num_heads * cfg.head_dim}
+    widths = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_heads x head_dim": cfg.num_heads * cfg.head_dim,
+    }
     bad = [f"{name} {n}" for name, n in widths.items() if n % quant.group_size]
     if bad:
         ok = [g for g in GROUP_SIZES if all(n % g == 0 for n in widths.values())]
@@ -86,7 +95,7 @@ def block_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np
 def by_rows(quantize, w: torch.Tensor, rows: int = 4096) -> tuple:
     """quantize(block) over blocks of rows of w, taken as float32, with the outputs (tensors or arrays) concatenated:
     a big table (a 128k-row embedding) needs one block's temporaries, not the table's, nor a float32 copy of it."""
-    parts = [quantize(w[i:i + rows].float()) for i in range(0, w.shape[0], rows)]
+    parts = [quantize(w[i : i + rows].float()) for i in range(0, w.shape[0], rows)]
 
     def join(p):
         return torch.cat(p) if isinstance(p[0], torch.Tensor) else np.concatenate(p)

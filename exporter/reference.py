@@ -26,7 +26,7 @@ def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, gain: float = 1.0) -> Tens
     angles = pos.double()[:, None] * inv_freq[None, :]
     cos, sin = (angles.cos() * gain).to(x.dtype), (angles.sin() * gain).to(x.dtype)
     r = 2 * inv_freq.shape[0]
-    x1, x2 = x[..., : r // 2], x[..., r // 2: r]
+    x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], dim=-1)
 
 
@@ -38,7 +38,8 @@ class Reference:
         cfg = model.cfg
         # Per layer: (S, W, inverse frequencies, rotary gain); sliding layers of a hybrid model a plain ring.
         self.geometry = [
-            (0, cfg.local_window, cfg.inv_freq(True), cfg.rope_gain(True)) if cfg.is_local(i)
+            (0, cfg.local_window, cfg.inv_freq(True), cfg.rope_gain(True))
+            if cfg.is_local(i)
             else (self.sink, self.window, cfg.inv_freq(), cfg.rope_gain())
             for i in range(cfg.num_layers)
         ]
@@ -110,7 +111,7 @@ class Reference:
             oldest = next(i for i, p in enumerate(store["pos"]) if p >= sink)
             del store["pos"][oldest]
             for key in ("k", "v"):
-                store[key] = torch.cat([store[key][:, :oldest], store[key][:, oldest + 1:]], dim=1)
+                store[key] = torch.cat([store[key][:, :oldest], store[key][:, oldest + 1 :]], dim=1)
 
 
 class ReferenceRunner(Runner):

@@ -35,22 +35,39 @@ PRECISION_RANK = ("fp32", "fp16", "int8", "int4")  # a pair is judged by its les
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="an exported edgekv folder")
-    p.add_argument("--tokens", type=int, help="stream length (default S + 3W + chunk: three wraps of the ring; "
-                   "at least three laps of a hybrid model's local ring)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        help="stream length (default S + 3W + chunk: three wraps of the ring; "
+        "at least three laps of a hybrid model's local ring)",
+    )
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text to stream (default: the shipped excerpt)")
-    p.add_argument("--unquantized", type=Path, metavar="DIR",
-                   help="for a quantized artifact: its target's unquantized export of the same model and cache to "
-                        "compare with (default: export one into a temporary folder)")
-    p.add_argument("--onnx", type=Path, metavar="DIR",
-                   help="for an unquantized artifact: an ONNX export of the same model and cache to run in onnxruntime "
-                        "(default: export one into a temporary folder)")
-    p.add_argument("--no-cross-check", action="store_true",
-                   help="skip the cross-check (onnxruntime for an unquantized artifact, the unquantized export for a "
-                        "quantized one) unless given with --onnx / --unquantized: exporting it needs the float model "
-                        "in memory, which a 1B+ model's validation may not have (skipped by itself where it would "
-                        "not fit)")
-    p.add_argument("--model", help="the checkpoint the artifact was exported from, if it is no longer where the "
-                                   "manifest's source.model says")
+    p.add_argument(
+        "--unquantized",
+        type=Path,
+        metavar="DIR",
+        help="for a quantized artifact: its target's unquantized export of the same model and cache to "
+        "compare with (default: export one into a temporary folder)",
+    )
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="DIR",
+        help="for an unquantized artifact: an ONNX export of the same model and cache to run in onnxruntime "
+        "(default: export one into a temporary folder)",
+    )
+    p.add_argument(
+        "--no-cross-check",
+        action="store_true",
+        help="skip the cross-check (onnxruntime for an unquantized artifact, the unquantized export for a "
+        "quantized one) unless given with --onnx / --unquantized: exporting it needs the float model "
+        "in memory, which a 1B+ model's validation may not have (skipped by itself where it would "
+        "not fit)",
+    )
+    p.add_argument(
+        "--model",
+        help="the checkpoint the artifact was exported from, if it is no longer where the manifest's source.model says",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -72,7 +89,7 @@ def run_stream(runner, ids: list[int], calls: list[tuple[int, int]], desc: str) 
     with Bar(calls[-1][0] + calls[-1][1], desc) as bar:
         for i, (start, n) in enumerate(calls):
             assert runner.pos == start
-            logits = runner.feed(ids[start:start + n])
+            logits = runner.feed(ids[start : start + n])
             if out is None:
                 out = np.empty((len(calls), logits.shape[-1]), np.float32)
             out[i] = logits
@@ -86,8 +103,11 @@ def _blocks(rows: int, size: int = 128):
 
 def compare(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
     diff = max(float(np.abs(a[r].astype(np.float64) - b[r]).max()) for r in _blocks(len(a)))
-    return {"max_abs_diff": diff, "rel_diff": diff / scale,
-            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+    return {
+        "max_abs_diff": diff,
+        "rel_diff": diff / scale,
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+    }
 
 
 def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -115,8 +135,10 @@ def measure(args: argparse.Namespace) -> dict:
     target, sink, window, chunk = manifest["target"], manifest["sink"], manifest["window"], manifest["chunk"]
     # Three wraps of the ring, and three laps of a hybrid model's local ring.
     n = args.tokens or max(sink + 3 * window, 3 * (manifest.get("local") or {}).get("window", 0)) + chunk
-    log(f"{target} artifact, S={sink} W={window}: {n} tokens through it, the eager reference and a cross-check; "
-        f"loading {args.model or manifest['source']['model']}")
+    log(
+        f"{target} artifact, S={sink} W={window}: {n} tokens through it, the eager reference and a cross-check; "
+        f"loading {args.model or manifest['source']['model']}"
+    )
 
     from exporter.config import physical_memory
     from exporter.loaders import build_model, load_checkpoint
@@ -130,8 +152,9 @@ def measure(args: argparse.Namespace) -> dict:
         raise EdgekvError(f"{args.artifact} is not quantized; --unquantized is for quantized artifacts")
     # The cross-check: an fp32 artifact against onnxruntime running the same model; a quantized one against its
     # own target's unquantized export, so that pair measures quantization alone. Given, or exported below.
-    check, given, flag = ("onnx", args.onnx, "--onnx") if scheme == "none" else (
-        target, args.unquantized, "--unquantized")
+    check, given, flag = (
+        ("onnx", args.onnx, "--onnx") if scheme == "none" else (target, args.unquantized, "--unquantized")
+    )
     if given:
         matching_export(given, manifest, check, flag)
     try:
@@ -141,8 +164,10 @@ def measure(args: argparse.Namespace) -> dict:
             raise
         raise EdgekvError(f"{e} (the model {args.artifact} was exported from; pass --model if it moved)") from None
     if ckpt.weights_hash() != manifest["source"]["weights_sha256"]:
-        raise EdgekvError(f"{ckpt.source} has other weights than {args.artifact} was exported from; "
-                          "pass that model with --model, or re-export")
+        raise EdgekvError(
+            f"{ckpt.source} has other weights than {args.artifact} was exported from; "
+            "pass that model with --model, or re-export"
+        )
     ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), text, n, args.text)
     if len(ids) < n:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
@@ -160,14 +185,22 @@ def measure(args: argparse.Namespace) -> dict:
             not_run.append("coreml: Core ML prediction needs macOS; the NumPy MIL executor ran the package instead")
     else:
         runners["onnxruntime" if target == "onnx" and scheme == "none" else f"{target}{suffix}"] = (
-            own, lambda: open_artifact(args.artifact))
-    cross = None if "onnxruntime" in runners else (
-        "onnxruntime" if scheme == "none" else "coreml-numpy" if target == "coreml" else target)
+            own,
+            lambda: open_artifact(args.artifact),
+        )
+    cross = (
+        None
+        if "onnxruntime" in runners
+        else ("onnxruntime" if scheme == "none" else "coreml-numpy" if target == "coreml" else target)
+    )
     if cross and not given:
         fp32_bytes = float_bytes(ckpt.config)
         if args.no_cross_check or 2 * fp32_bytes > physical_memory():
-            why = "--no-cross-check" if args.no_cross_check else (
-                f"its export needs the float model in memory ({fp32_bytes / 1e9:.1f} GB fp32)")
+            why = (
+                "--no-cross-check"
+                if args.no_cross_check
+                else (f"its export needs the float model in memory ({fp32_bytes / 1e9:.1f} GB fp32)")
+            )
             not_run.append(f"{cross}: the {check} export to compare with was not made ({why}); pass {flag} DIR")
             cross = None
     logits = {}
@@ -177,18 +210,27 @@ def measure(args: argparse.Namespace) -> dict:
         if cross:
             if not given:
                 log(f"exporting the {check} model to compare with")
-            folder = given or export_one(build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True),
-                                         ckpt, check, Path(tmp) / check, manifest_base(ckpt, sink, window, chunk),
-                                         chunk)
-            runners[cross] = ("fp16" if cross == "coreml-numpy" else "fp32",
-                              lambda: mil_runner(folder) if cross == "coreml-numpy" else open_artifact(folder))
+            folder = given or export_one(
+                build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True),
+                ckpt,
+                check,
+                Path(tmp) / check,
+                manifest_base(ckpt, sink, window, chunk),
+                chunk,
+            )
+            runners[cross] = (
+                "fp16" if cross == "coreml-numpy" else "fp32",
+                lambda: mil_runner(folder) if cross == "coreml-numpy" else open_artifact(folder),
+            )
         for name, (_, make) in runners.items():  # one runner in memory at a time
             logits[name] = run_stream(make(), ids, calls, name)
     # The reference last, a layer at a time, once the runners are gone.
     runs = {"reference": "fp32", **{name: precision for name, (precision, _) in runners.items()}}
     with Bar(ckpt.config.num_layers, "reference, a layer at a time", "layer") as bar:
-        logits = {"reference": streamed_logits(ckpt, sink, window, ids[:n], list(ends), lambda: bar.update(1)),
-                  **logits}
+        logits = {
+            "reference": streamed_logits(ckpt, sink, window, ids[:n], list(ends), lambda: bar.update(1)),
+            **logits,
+        }
 
     scale = float(max(logits["reference"].max(), -logits["reference"].min()))
     targets_next = np.array([ids[e + 1] if e + 1 < len(ids) else ids[e] for e in ends])[:-1]
@@ -196,7 +238,7 @@ def measure(args: argparse.Namespace) -> dict:
     names = list(logits)
     pairs = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             p = {"a": a, "b": b, **compare(logits[a], logits[b], scale)}
             precision = max(runs[a], runs[b], key=PRECISION_RANK.index)
             p["tolerance"] = tolerance(precision, scale)
@@ -204,15 +246,28 @@ def measure(args: argparse.Namespace) -> dict:
                 quantized, other = (a, b) if runs[a] == precision else (b, a)
                 p["ppl_ratio"] = ppl[quantized] / ppl[other]
                 p["ok"] = p["ppl_ratio"] <= p["tolerance"]["ppl_ratio"] and (
-                    p["top1_agreement"] >= p["tolerance"]["top1_agreement"])
+                    p["top1_agreement"] >= p["tolerance"]["top1_agreement"]
+                )
             else:
                 p["ok"] = p["max_abs_diff"] <= p["tolerance"]["max_abs_diff"] and (
-                    p["top1_agreement"] >= p["tolerance"]["top1_agreement"])
+                    p["top1_agreement"] >= p["tolerance"]["top1_agreement"]
+                )
             pairs.append(p)
     ok = all(p["ok"] for p in pairs)
-    return {"target": target, "quantization": scheme, "tokens": n, "compared_positions": len(ends),
-            "logit_scale": scale, "pairs": pairs, "perplexity": ppl, "not_run": not_run, "ok": ok,
-            "sink": sink, "window": window, "chunk": chunk}
+    return {
+        "target": target,
+        "quantization": scheme,
+        "tokens": n,
+        "compared_positions": len(ends),
+        "logit_scale": scale,
+        "pairs": pairs,
+        "perplexity": ppl,
+        "not_run": not_run,
+        "ok": ok,
+        "sink": sink,
+        "window": window,
+        "chunk": chunk,
+    }
 
 
 def report(args: argparse.Namespace, result: dict) -> None:
@@ -220,16 +275,20 @@ def report(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.artifact} ({result['target']}, S={result['sink']} W={result['window']} "
-              f"chunk={result['chunk']}): {result['tokens']} tokens, {result['compared_positions']} positions "
-              f"compared, logit scale {result['logit_scale']:.2f}")
+        print(
+            f"{args.artifact} ({result['target']}, S={result['sink']} W={result['window']} "
+            f"chunk={result['chunk']}): {result['tokens']} tokens, {result['compared_positions']} positions "
+            f"compared, logit scale {result['logit_scale']:.2f}"
+        )
         for p in pairs:
             tol = p["tolerance"]
-            limit = (f"ppl x{tol['ppl_ratio']:g}" if "ppl_ratio" in tol else f"{tol['max_abs_diff']:.2e}")
+            limit = f"ppl x{tol['ppl_ratio']:g}" if "ppl_ratio" in tol else f"{tol['max_abs_diff']:.2e}"
             ratio = f"  ppl x{p['ppl_ratio']:.4f}" if "ppl_ratio" in p else ""
-            print(f"  {p['a']:>16} vs {p['b']:<16} max|Δ| {p['max_abs_diff']:.2e} ({p['rel_diff']:.1e} of scale)"
-                  f"  top-1 {100 * p['top1_agreement']:.2f}%{ratio}  {'ok' if p['ok'] else 'FAIL'} (limits "
-                  f"{limit}, {100 * tol['top1_agreement']:g}%)")
+            print(
+                f"  {p['a']:>16} vs {p['b']:<16} max|Δ| {p['max_abs_diff']:.2e} ({p['rel_diff']:.1e} of scale)"
+                f"  top-1 {100 * p['top1_agreement']:.2f}%{ratio}  {'ok' if p['ok'] else 'FAIL'} (limits "
+                f"{limit}, {100 * tol['top1_agreement']:g}%)"
+            )
         print("  perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
         for line in not_run:
             print(f"  not run: {line}")
@@ -240,10 +299,15 @@ def matching_export(folder: Path, manifest: dict, target: str, flag: str) -> Pat
     """The export given by `flag`, checked to be an unquantized `target` export of the same weights and cache."""
     twin = read_manifest(folder)
     same = ("sink", "window", "chunk")
-    if (twin["target"] != target or any(twin[k] != manifest[k] for k in same)
-            or twin["source"]["weights_sha256"] != manifest["source"]["weights_sha256"]):
-        raise EdgekvError(f"{folder} is not a {target} export of the same model and cache as the artifact; "
-                          f"pass a matching one or leave out {flag}")
+    if (
+        twin["target"] != target
+        or any(twin[k] != manifest[k] for k in same)
+        or twin["source"]["weights_sha256"] != manifest["source"]["weights_sha256"]
+    ):
+        raise EdgekvError(
+            f"{folder} is not a {target} export of the same model and cache as the artifact; "
+            f"pass a matching one or leave out {flag}"
+        )
     if twin.get("quantization", {}).get("scheme", "none") != "none":
         raise EdgekvError(f"{folder} is quantized; {flag} takes an export made without --quantize")
     return folder

@@ -59,12 +59,18 @@ class Runner:
         self.token_dtype = np.int32 if tokens["dtype"] == "int32" else np.int64
         self.tokenizer = load_tokenizer(self.folder)
         if special_tokens(self.folder, self.tokenizer) != manifest["special_tokens"]:
-            raise EdgekvError(f"{self.folder}: {MANIFEST}'s special_tokens differ from the tokenizer's; "
-                              f"restore {MANIFEST} or {REEXPORT}")
+            raise EdgekvError(
+                f"{self.folder}: {MANIFEST}'s special_tokens differ from the tokenizer's; "
+                f"restore {MANIFEST} or {REEXPORT}"
+            )
         self.pos = 0
 
-    def check_model(self, stamped: str | None, declared: dict[str, tuple[str, list]],
-                    sections: tuple[str, ...] = ("inputs", "outputs", "state")) -> None:
+    def check_model(
+        self,
+        stamped: str | None,
+        declared: dict[str, tuple[str, list]],
+        sections: tuple[str, ...] = ("inputs", "outputs", "state"),
+    ) -> None:
         """The manifest against the model file: the identity it records and the tensors it declares."""
         check_identity(self.folder, self.manifest, stamped)
         check_declared(self.folder, self.manifest, declared, sections)
@@ -79,7 +85,7 @@ class Runner:
         i = 0
         while i < len(tokens):
             n = self.chunk if len(tokens) - i >= self.chunk and self.chunk > 1 else 1
-            logits = self._run(np.asarray([tokens[i:i + n]], dtype=self.token_dtype), self.pos)
+            logits = self._run(np.asarray([tokens[i : i + n]], dtype=self.token_dtype), self.pos)
             self.pos += n
             i += n
         return logits
@@ -134,9 +140,10 @@ def open_artifact(folder: Path) -> Runner:
     except EdgekvError:
         raise
     except Exception as e:
-        raise EdgekvError(f"{folder}: cannot load the {manifest['target']} model ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-export with `edgekv export --force`"
-                          ) from e
+        raise EdgekvError(
+            f"{folder}: cannot load the {manifest['target']} model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-export with `edgekv export --force`"
+        ) from e
     if runner.note:
         say(f"edgekv: note: {runner.note}")
     return runner

@@ -19,8 +19,11 @@ class ChatTemplate:
 
         cfg_file = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        source = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() \
+        source = (
+            (folder / "chat_template.jinja").read_text()
+            if (folder / "chat_template.jinja").is_file()
             else cfg.get("chat_template")
+        )
         if not isinstance(source, str):
             raise EdgekvError(f"{folder} has no chat template (chat_template.jinja); use `edgekv generate`")
 
@@ -78,7 +81,7 @@ class Chat:
         self.in_stream = full
         for said in (answer, answer.strip()):
             if said and (at := rendered.rfind(said)) >= 0:
-                self.in_stream = rendered[:at + len(said)]
+                self.in_stream = rendered[: at + len(said)]
                 break
 
 

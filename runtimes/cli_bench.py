@@ -30,8 +30,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at", help="comma-separated stream positions to time instead of --points")
     p.add_argument("--steps", type=int, default=32, help="one-token decode calls timed per position (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write ms/token and RSS against stream position to this PNG "
-                                             "(needs matplotlib: edgekv[plot])")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="write ms/token and RSS against stream position to this PNG (needs matplotlib: edgekv[plot])",
+    )
 
 
 def timed_positions(capacity: int, tokens: int, points: int, at: str | None, steps: int) -> list[int]:
@@ -42,8 +45,10 @@ def timed_positions(capacity: int, tokens: int, points: int, at: str | None, ste
             raise EdgekvError(f"--at {at!r}: expected comma-separated integers") from None
     else:
         if tokens < capacity + steps:
-            raise EdgekvError(f"--tokens {tokens} is below the cache size {capacity} + --steps {steps}; "
-                              "bench measures after the ring fills")
+            raise EdgekvError(
+                f"--tokens {tokens} is below the cache size {capacity} + --steps {steps}; "
+                "bench measures after the ring fills"
+            )
         pos = sorted({int(x) for x in np.linspace(capacity, tokens - steps, max(points, 2)).round()})
     if pos[0] < 0 or any(b - a < steps for a, b in zip(pos, pos[1:], strict=False)):
         raise EdgekvError(f"timed positions {pos} must be >= 0 and at least --steps {steps} apart")
@@ -72,7 +77,7 @@ def bench_runner(runner, positions: list[int], steps: int, label: str) -> dict:
         for p in positions:
             while runner.chunk > 1 and runner.pos + runner.chunk <= p:
                 start = time.perf_counter()
-                runner.feed(ids[runner.pos:runner.pos + runner.chunk])
+                runner.feed(ids[runner.pos : runner.pos + runner.chunk])
                 prefill.append(time.perf_counter() - start)
                 bar.update(runner.chunk)
             while runner.pos < p:
@@ -88,8 +93,14 @@ def bench_runner(runner, positions: list[int], steps: int, label: str) -> dict:
             lo.append(1e3 * float(np.percentile(times, 10)))
             hi.append(1e3 * float(np.percentile(times, 90)))
             rss.append(peak_rss_mb())
-    return {"positions": positions, "ms_per_token": ms, "ms_p10": lo, "ms_p90": hi, "rss_mb": rss,
-            "prefill_tok_s": runner.chunk / float(np.median(prefill)) if prefill else None}
+    return {
+        "positions": positions,
+        "ms_per_token": ms,
+        "ms_p10": lo,
+        "ms_p90": hi,
+        "rss_mb": rss,
+        "prefill_tok_s": runner.chunk / float(np.median(prefill)) if prefill else None,
+    }
 
 
 def bench_artifact(folder: str, positions: list[int], steps: int) -> dict:
@@ -100,10 +111,18 @@ def bench_artifact(folder: str, positions: list[int], steps: int) -> dict:
     m = runner.manifest
     size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
     scheme = m.get("quantization", {}).get("scheme", "none")
-    result = {"artifact": folder, "target": m["target"], "executor": getattr(runner, "executor", m["target"]),
-              "quantization": scheme, "name": m["target"] + ("" if scheme == "none" else f"-{scheme}"),
-              "sink": m["sink"], "window": m["window"], "chunk": m["chunk"], "size_mb": size / 1e6,
-              "load_rss_mb": peak_rss_mb()}
+    result = {
+        "artifact": folder,
+        "target": m["target"],
+        "executor": getattr(runner, "executor", m["target"]),
+        "quantization": scheme,
+        "name": m["target"] + ("" if scheme == "none" else f"-{scheme}"),
+        "sink": m["sink"],
+        "window": m["window"],
+        "chunk": m["chunk"],
+        "size_mb": size / 1e6,
+        "load_rss_mb": peak_rss_mb(),
+    }
     result.update(bench_runner(runner, positions, steps, m["target"]))
     ms, rss = result["ms_per_token"], result["rss_mb"]
     result["decode_tok_s"] = 1e3 / ms[0]
@@ -144,14 +163,15 @@ def report(r: dict) -> str:
     prefill = f"{r['prefill_tok_s']:.0f} tok/s" if r["prefill_tok_s"] else "n/a"
     executor = r.get("executor", r["target"])  # the benchmark script's transformers row has none
     target = r["target"] if executor == r["target"] else f"{r['target']} via {executor}, not its speed"
-    rows = [f"{r['artifact']} ({target}, {r['size_mb']:.1f} MB, cache {r['sink']}+{r['window']}): "
-            f"prefill {prefill} (chunk {r['chunk']}), decode {r['decode_tok_s']:.1f} tok/s after the ring fills",
-            "  position     " + "".join(f"{p:>12}" for p in r["positions"]),
-            "  ms/token     " + "".join(f"{v:>12.2f}" for v in r["ms_per_token"]),
-            "  p10-p90      " + "".join(f"{f'{a:.1f}-{b:.1f}':>12}" for a, b in zip(r["ms_p10"], r["ms_p90"],
-                                                                                    strict=True)),
-            "  peak RSS MB  " + "".join(f"{v:>12.0f}" for v in r["rss_mb"]),
-            f"  last/first: ms/token x{r['flat_ms_ratio']:.3f}, peak RSS {100 * r['rss_growth']:+.2f} %"]
+    rows = [
+        f"{r['artifact']} ({target}, {r['size_mb']:.1f} MB, cache {r['sink']}+{r['window']}): "
+        f"prefill {prefill} (chunk {r['chunk']}), decode {r['decode_tok_s']:.1f} tok/s after the ring fills",
+        "  position     " + "".join(f"{p:>12}" for p in r["positions"]),
+        "  ms/token     " + "".join(f"{v:>12.2f}" for v in r["ms_per_token"]),
+        "  p10-p90      " + "".join(f"{f'{a:.1f}-{b:.1f}':>12}" for a, b in zip(r["ms_p10"], r["ms_p90"], strict=True)),
+        "  peak RSS MB  " + "".join(f"{v:>12.0f}" for v in r["rss_mb"]),
+        f"  last/first: ms/token x{r['flat_ms_ratio']:.3f}, peak RSS {100 * r['rss_growth']:+.2f} %",
+    ]
     return "\n".join(rows)
 
 
@@ -164,11 +184,17 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (ax_ms, ax_rss) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for r in results:
         label = "/".join(Path(r["artifact"]).parts[-2:])
-        ax_ms.errorbar(r["positions"], r["ms_per_token"], marker="o", label=label,
-                       yerr=[np.subtract(r["ms_per_token"], r["ms_p10"]), np.subtract(r["ms_p90"], r["ms_per_token"])])
+        ax_ms.errorbar(
+            r["positions"],
+            r["ms_per_token"],
+            marker="o",
+            label=label,
+            yerr=[np.subtract(r["ms_per_token"], r["ms_p10"]), np.subtract(r["ms_p90"], r["ms_per_token"])],
+        )
         ax_rss.plot(r["positions"], r["rss_mb"], marker="o", label=label)
-    ax_ms.set(ylabel="decode ms/token (median, p10-p90)", ylim=(0, None),
-              title="edgekv: decode cost against stream position")
+    ax_ms.set(
+        ylabel="decode ms/token (median, p10-p90)", ylim=(0, None), title="edgekv: decode cost against stream position"
+    )
     ax_rss.set(xlabel="stream position (tokens)", ylabel="peak RSS (MB)", ylim=(0, None))
     ax_ms.legend()
     fig.tight_layout()

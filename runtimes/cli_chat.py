@@ -16,8 +16,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt (default: the template's own, if any)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
     add_session_arg(p)
-    p.epilog = ("With --session the conversation is saved after every reply (atomically: a crash keeps the last "
-                "reply's session) and on /save; a later `edgekv chat DIR --session FILE` resumes it.")
+    p.epilog = (
+        "With --session the conversation is saved after every reply (atomically: a crash keeps the last "
+        "reply's session) and on /save; a later `edgekv chat DIR --session FILE` resumes it."
+    )
 
 
 def read_turns(interactive: bool):
@@ -47,8 +49,10 @@ def main(args: argparse.Namespace) -> int:
         from runtimes.session import load_session
 
         state = load_session(runner, runner.folder / runner.manifest["prefix"]["file"])
-        print(f"edgekv: started from the pinned system prompt ({runner.pos} tokens in the sink, no prefill)",
-              file=sys.stderr)
+        print(
+            f"edgekv: started from the pinned system prompt ({runner.pos} tokens in the sink, no prefill)",
+            file=sys.stderr,
+        )
     if state is not None:
         chat.messages, chat.in_stream = state.get("messages", []), state.get("in_stream", "")
         if args.system:
@@ -63,8 +67,11 @@ def main(args: argparse.Namespace) -> int:
     m = runner.manifest
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"edgekv chat: {m['source']['model']} ({m['target']}, cache {m['sink']}+{m['window']} slots). "
-              "Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
+        print(
+            f"edgekv chat: {m['source']['model']} ({m['target']}, cache {m['sink']}+{m['window']} slots). "
+            "Ctrl-D or Ctrl-C to quit.",
+            file=sys.stderr,
+        )
     try:
         for user in read_turns(interactive):
             if user == "/save":
@@ -80,8 +87,11 @@ def main(args: argparse.Namespace) -> int:
             n = len(chat.last_tokens)
             rate = f"{(n - 1) / seconds:.1f} tok/s" if n > 1 and seconds > 0 else "-"
             save()  # before the turn's last line: once it shows, the turn is on disk
-            print(f"[{n} tokens, {rate} after a {chat.last_prompt}-token turn prompt; stream position "
-                  f"{runner.pos}, cache {m['sink']}+{m['window']} slots]", file=sys.stderr)
+            print(
+                f"[{n} tokens, {rate} after a {chat.last_prompt}-token turn prompt; stream position "
+                f"{runner.pos}, cache {m['sink']}+{m['window']} slots]",
+                file=sys.stderr,
+            )
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0

@@ -27,10 +27,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
     p.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--sink", type=int, help=f"sink slots S (default {DEFAULT_SINK})")
-    p.add_argument("--window", type=int,
-                   help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)")
-    p.add_argument("--mode", choices=MODES, default="sink",
-                   help="sink: the contract; window: same cache with S=0; dense: unmodified model, full cache")
+    p.add_argument(
+        "--window", type=int, help=f"window slots W (default {DEFAULT_WINDOW} or the model's sliding_window)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="sink",
+        help="sink: the contract; window: same cache with S=0; dense: unmodified model, full cache",
+    )
     p.add_argument("--tokens", type=int, default=2000, help="score the first N tokens of the text (default 2000)")
     p.add_argument("--chunk", type=int, default=64, help="tokens per forward pass (exact by the contract)")
     p.add_argument("--allow-long-context", action="store_true", help="allow S + W beyond the trained context")
@@ -45,8 +50,10 @@ def read_text(path: Path, flag: str = "--text") -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EdgekvError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                          "convert it, e.g. `iconv -t UTF-8`") from None
+        raise EdgekvError(
+            f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it, e.g. `iconv -t UTF-8`"
+        ) from None
     if "\0" in text:
         raise EdgekvError(f"{flag} {path} holds NUL bytes: a binary file, not text")
     return text
@@ -73,7 +80,7 @@ def stream_nll(step: Callable[[list[int], int], np.ndarray], ids: list[int], chu
     nll = np.empty(len(ids) - 1)
     with Bar(len(ids), desc) as bar:
         for start in range(0, len(ids), chunk):
-            part = ids[start:start + chunk]
+            part = ids[start : start + chunk]
             logits = np.asarray(step(part, start), dtype=np.float64)
             shifted = logits - logits.max(axis=-1, keepdims=True)
             logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -98,18 +105,27 @@ def adds_bos(tokenizer) -> bool:
     return len(tokenizer.encode("a").ids) > len(tokenizer.encode("a", add_special_tokens=False).ids)
 
 
-def report(args: argparse.Namespace, ids: list[int], nll: np.ndarray, mode: str, sink: int, window: int,
-           tail_from: int, bos: bool) -> int:
-    result = {"tokens": len(ids), "mode": mode, "sink": sink, "window": window, "bos": bos,
-              **summarize(nll, tail_from)}
+def report(
+    args: argparse.Namespace,
+    ids: list[int],
+    nll: np.ndarray,
+    mode: str,
+    sink: int,
+    window: int,
+    tail_from: int,
+    bos: bool,
+) -> int:
+    result = {"tokens": len(ids), "mode": mode, "sink": sink, "window": window, "bos": bos, **summarize(nll, tail_from)}
     if args.json:
         print(json.dumps(result))
     else:
         tail = result["ppl_after_fill"]
         tail_text = f", {tail:.2f} after position {tail_from}" if tail else ""
         bos_text = "BOS added by the tokenizer" if bos else "no BOS (the tokenizer adds none)"
-        print(f"{mode}: perplexity {result['ppl']:.2f} over {len(ids)} tokens{tail_text} (S={sink}, W={window}; "
-              f"{bos_text})")
+        print(
+            f"{mode}: perplexity {result['ppl']:.2f} over {len(ids)} tokens{tail_text} (S={sink}, W={window}; "
+            f"{bos_text})"
+        )
     return 0
 
 
@@ -123,5 +139,4 @@ def main(args: argparse.Namespace) -> int:
     ids = read_tokens(runner.tokenizer, text, args.tokens, args.text)
     nll = stream_nll(runner.feed_all_logits, ids, 1, "ppl")
     sink, window = runner.manifest["sink"], runner.manifest["window"]
-    return report(args, ids, nll, "sink" if sink else "window", sink, window, sink + window,
-                  adds_bos(runner.tokenizer))
+    return report(args, ids, nll, "sink" if sink else "window", sink, window, sink + window, adds_bos(runner.tokenizer))

@@ -37,9 +37,12 @@ class _CoreMLRunner(Runner):
                 raise EdgekvError(f"{self.folder}: {self.package.name} has no function {entry!r}; {REEXPORT}")
             f = functions[entry]
             arrays = [(p.name, p.type.multiArrayType) for p in [*f.input, *f.output]] + [
-                (p.name, p.type.stateType.arrayType) for p in f.state]
-            self.check_model(description.metadata.userDefined.get("edgekv"),
-                             {name: (dtypes.get(a.dataType, "?"), list(a.shape)) for name, a in arrays})
+                (p.name, p.type.stateType.arrayType) for p in f.state
+            ]
+            self.check_model(
+                description.metadata.userDefined.get("edgekv"),
+                {name: (dtypes.get(a.dataType, "?"), list(a.shape)) for name, a in arrays},
+            )
 
     def _inputs(self, tokens: np.ndarray, pos: int) -> dict:
         return {self.names["tokens"]: tokens.astype(np.int32), self.names["position"]: np.array([pos], np.int32)}
@@ -72,8 +75,10 @@ class CoreMLRunner(_CoreMLRunner):
 
 class MILRunner(_CoreMLRunner):
     executor = "numpy-mil"
-    note = ("Core ML prediction needs macOS: running the package with edgekv's NumPy MIL executor "
-            "(Core ML's fp16 semantics; its speed is not Core ML's)")
+    note = (
+        "Core ML prediction needs macOS: running the package with edgekv's NumPy MIL executor "
+        "(Core ML's fp16 semantics; its speed is not Core ML's)"
+    )
 
     def __init__(self, folder: Path, manifest: dict):
         super().__init__(folder, manifest)

@@ -43,12 +43,18 @@ class ExecuTorchRunner(Runner):
         for method in self.methods.values():  # ExecuTorch declares no names: the manifest's, in order
             meta = method.metadata
             tensors = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())] + [
-                meta.output_tensor_meta(i) for i in range(meta.num_outputs())]
+                meta.output_tensor_meta(i) for i in range(meta.num_outputs())
+            ]
             if len(tensors) != len(names):
-                raise EdgekvError(f"{folder}: {MANIFEST} lists {len(names)} inputs and outputs, method "
-                                  f"{meta.name()} has {len(tensors)}; {REEXPORT}")
-            self.check_model(stamped, {n: (DTYPES.get(t.dtype(), "?"), list(t.sizes()))
-                                       for n, t in zip(names, tensors, strict=True)}, ("inputs", "outputs"))
+                raise EdgekvError(
+                    f"{folder}: {MANIFEST} lists {len(names)} inputs and outputs, method "
+                    f"{meta.name()} has {len(tensors)}; {REEXPORT}"
+                )
+            self.check_model(
+                stamped,
+                {n: (DTYPES.get(t.dtype(), "?"), list(t.sizes())) for n, t in zip(names, tensors, strict=True)},
+                ("inputs", "outputs"),
+            )
 
     def _run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         out = self.methods[tokens.shape[1]].execute([torch.from_numpy(tokens), torch.tensor([pos])])
@@ -56,8 +62,10 @@ class ExecuTorchRunner(Runner):
 
     def _cache_method(self, name: str):
         if name not in self.program.method_names:
-            raise EdgekvError(f"{self.folder}: {self.manifest['files']['model']} has no {name} method (exported "
-                              f"before sessions existed); {REEXPORT}")
+            raise EdgekvError(
+                f"{self.folder}: {self.manifest['files']['model']} has no {name} method (exported "
+                f"before sessions existed); {REEXPORT}"
+            )
         return self.program.load_method(name)
 
     def cache_state(self) -> np.ndarray:

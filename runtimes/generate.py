@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import numpy as np
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0) -> int:
+def sample(
+    logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+) -> int:
     """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) sampling."""
     if temperature <= 0 or rng is None:
         return int(np.argmax(logits))
@@ -27,8 +28,16 @@ def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: flo
     return int(rng.choice(len(p), p=p))
 
 
-def generate(runner, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None) -> Iterator[int]:
+def generate(
+    runner,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: set[int] | None = None,
+) -> Iterator[int]:
     """Yield new tokens. The stream continues from the runner's position (multi-turn chat keeps one
     stream); max_tokens 0 means no limit: the ring wraps as often as needed in fixed memory."""
     rng = np.random.default_rng(seed) if temperature > 0 else None
@@ -57,10 +66,10 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
-        self.ids, self.read = self.ids[self.read:], len(self.ids) - self.read
+        self.ids, self.read = self.ids[self.read :], len(self.ids) - self.read
         self.prefix = 0
-        return text[len(before):]
+        return text[len(before) :]

@@ -17,9 +17,20 @@ SCHEMA = Path(__file__).with_name("edgekv.schema.json")  # the one schema; the i
 REEXPORT = "re-export with `edgekv export --force`"
 # What the model file itself records of its export (ONNX metadata_props, OpenVINO rt_info, a constant method of the
 # .pte, Core ML user-defined metadata, all under the key "edgekv"), compared with the manifest on every open.
-IDENTITY = ("format_version", "target", "sink", "window", "chunk", "vocab_size", "source.weights_sha256",
-            "quantization.scheme", "architecture.num_layers", "architecture.num_kv_heads", "architecture.head_dim",
-            "local")
+IDENTITY = (
+    "format_version",
+    "target",
+    "sink",
+    "window",
+    "chunk",
+    "vocab_size",
+    "source.weights_sha256",
+    "quantization.scheme",
+    "architecture.num_layers",
+    "architecture.num_kv_heads",
+    "architecture.head_dim",
+    "local",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -124,12 +135,15 @@ def check_identity(folder: Path, manifest: dict, stamped: str | None) -> None:
     except ValueError:
         found = None
     if not isinstance(found, dict):
-        raise EdgekvError(f"{folder}: {model} carries no edgekv identity (written by another tool or an older "
-                          f"edgekv); {REEXPORT}")
+        raise EdgekvError(
+            f"{folder}: {model} carries no edgekv identity (written by another tool or an older edgekv); {REEXPORT}"
+        )
     for key in IDENTITY:
         if found.get(key) != lookup(manifest, key):
-            raise EdgekvError(f"{folder}: {MANIFEST} says {key} = {lookup(manifest, key)!r} but {model} was "
-                              f"exported with {found.get(key)!r}; restore {MANIFEST} or {REEXPORT}")
+            raise EdgekvError(
+                f"{folder}: {MANIFEST} says {key} = {lookup(manifest, key)!r} but {model} was "
+                f"exported with {found.get(key)!r}; restore {MANIFEST} or {REEXPORT}"
+            )
 
 
 def same_shape(listed: list, declared: list, chunk: int) -> bool:
@@ -137,11 +151,16 @@ def same_shape(listed: list, declared: list, chunk: int) -> bool:
     a dynamic dim (None) takes any size; every other dim is equal."""
     return len(listed) == len(declared) and all(
         (b is None or b in (1, chunk)) if a == "T" else (b is None and isinstance(a, int)) or a == b
-        for a, b in zip(listed, declared, strict=True))
+        for a, b in zip(listed, declared, strict=True)
+    )
 
 
-def check_declared(folder: Path, manifest: dict, declared: dict[str, tuple[str, list]],
-                   sections: tuple[str, ...] = ("inputs", "outputs", "state")) -> None:
+def check_declared(
+    folder: Path,
+    manifest: dict,
+    declared: dict[str, tuple[str, list]],
+    sections: tuple[str, ...] = ("inputs", "outputs", "state"),
+) -> None:
     """The tensors the model declares ({name: (dtype, shape)}, as its runtime reports them) are the ones the
     manifest lists in `sections`, with the same dtypes and shapes."""
     model = manifest["files"]["model"]
@@ -152,8 +171,10 @@ def check_declared(folder: Path, manifest: dict, declared: dict[str, tuple[str, 
             raise EdgekvError(f"{folder}: {model} has a tensor {name!r} that {MANIFEST} does not list; {REEXPORT}")
         if t["dtype"] != dtype or not same_shape(t["shape"], shape, manifest["chunk"]):
             shown = [d if d is not None else "?" for d in shape]
-            raise EdgekvError(f"{folder}: {MANIFEST} says {name} is {t['dtype']} {t['shape']} but {model} declares "
-                              f"{dtype} {shown}; restore {MANIFEST} or {REEXPORT}")
+            raise EdgekvError(
+                f"{folder}: {MANIFEST} says {name} is {t['dtype']} {t['shape']} but {model} declares "
+                f"{dtype} {shown}; restore {MANIFEST} or {REEXPORT}"
+            )
     if missing := sorted(set(listed) - set(declared)):
         raise EdgekvError(f"{folder}: {MANIFEST} lists {missing[0]!r}, which {model} does not have; {REEXPORT}")
 

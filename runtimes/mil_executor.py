@@ -44,8 +44,16 @@ class Unsupported(Exception):
 
 
 def _cast(x, dtype: str):
-    targets = {"fp16": np.float32, "fp32": np.float32, "int32": np.int32, "int16": np.int16,
-               "uint16": np.uint16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+    targets = {
+        "fp16": np.float32,
+        "fp32": np.float32,
+        "int32": np.int32,
+        "int16": np.int16,
+        "uint16": np.uint16,
+        "int8": np.int8,
+        "uint8": np.uint8,
+        "bool": np.bool_,
+    }
     if dtype not in targets:
         raise Unsupported(f"dtype={dtype!r}")
     to = np.dtype(targets[dtype])
@@ -124,6 +132,7 @@ def _linear(x, weight, bias=None):
 def _reduce(fn):
     def reduce(x, axes=None, keep_dims=False):
         return fn(x, axis=None if axes is None else tuple(int(a) for a in axes), keepdims=bool(keep_dims))
+
     return reduce
 
 
@@ -225,8 +234,18 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
 STATE_OPS = ("read_state", "write_state")
 # Ops that only move values: MIL types their fp16 output from fp16 inputs, which already hold fp16 values,
 # so rounding their result again would change nothing (it is a third of the executor's time on SmolLM2).
-MOVES = {"read_state", "reshape", "transpose", "slice_by_index", "split", "squeeze", "concat", "stack", "expand_dims",
-         "gather"}
+MOVES = {
+    "read_state",
+    "reshape",
+    "transpose",
+    "slice_by_index",
+    "split",
+    "squeeze",
+    "concat",
+    "stack",
+    "expand_dims",
+    "gather",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +315,10 @@ class MILProgram:
 
     def _load_function(self, fname: str, f) -> Function:
         if len(f.block_specializations) != 1:
-            raise EdgekvError(f"function '{fname}' has {len(f.block_specializations)} block specializations; "
-                              "the NumPy executor runs programs with one")
+            raise EdgekvError(
+                f"function '{fname}' has {len(f.block_specializations)} block specializations; "
+                "the NumPy executor runs programs with one"
+            )
         block = f.block_specializations[f.opset]
         inputs, states = {}, {}
         for i in f.inputs:
@@ -342,9 +363,10 @@ class MILProgram:
             try:
                 value = op.fn(**{k: v[1] for k, v in op.args.items()})
             except Unsupported as e:
-                raise EdgekvError(f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
-                                  "implemented by the NumPy executor") from None
-            (_, dtype, shape), = op.outputs
+                raise EdgekvError(
+                    f"op '{op.type}' ({op.name}) in function '{function}': {e} is not implemented by the NumPy executor"
+                ) from None
+            ((_, dtype, shape),) = op.outputs
             self._folded[key] = _conform(value, dtype, shape, op, function)
         return self._folded[key]
 
@@ -359,8 +381,9 @@ class MILProgram:
         for name, (dtype, shape) in f.inputs.items():
             value = np.asarray(inputs[name])
             if value.dtype != dtype or value.shape != shape:
-                raise EdgekvError(f"input '{name}' of '{function}' must be {dtype}{list(shape)}, "
-                                  f"got {value.dtype}{list(value.shape)}")
+                raise EdgekvError(
+                    f"input '{name}' of '{function}' must be {dtype}{list(shape)}, got {value.dtype}{list(value.shape)}"
+                )
             env[name] = _compute(value)
         for name, (dtype, shape) in f.states.items():
             if state[name].dtype != dtype or state[name].shape != shape:
@@ -380,12 +403,16 @@ class MILProgram:
                 try:
                     result = op.fn(**{k: resolve(v) for k, v in op.args.items()})
                 except Unsupported as e:
-                    raise EdgekvError(f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
-                                      "implemented by the NumPy executor") from None
+                    raise EdgekvError(
+                        f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
+                        "implemented by the NumPy executor"
+                    ) from None
             results = result if isinstance(result, list) else [result]  # split has one output per piece
             if len(results) != len(op.outputs):
-                raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave {len(results)} outputs, "
-                                  f"declared {len(op.outputs)}")
+                raise EdgekvError(
+                    f"op '{op.type}' ({op.name}) in '{function}' gave {len(results)} outputs, "
+                    f"declared {len(op.outputs)}"
+                )
             for (name, dtype, shape), value in zip(op.outputs, results, strict=True):
                 env[name] = _conform(np.asarray(value), dtype, shape, op, function)
         return {name: env[name].astype(dtype) for name, dtype in f.outputs.items()}
@@ -402,6 +429,7 @@ def _conform(value: np.ndarray, dtype: np.dtype, shape: tuple | None, op: _Op, f
     elif value.dtype != dtype:
         raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave {value.dtype}, declared {dtype}")
     if shape is not None and value.shape != shape:
-        raise EdgekvError(f"op '{op.type}' ({op.name}) in '{function}' gave shape {list(value.shape)}, "
-                          f"declared {list(shape)}")
+        raise EdgekvError(
+            f"op '{op.type}' ({op.name}) in '{function}' gave shape {list(value.shape)}, declared {list(shape)}"
+        )
     return value

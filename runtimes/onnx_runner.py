@@ -20,11 +20,14 @@ class OnnxRunner(Runner):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads()
-        self.session = ort.InferenceSession(str(self.folder / manifest["files"]["model"]), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.folder / manifest["files"]["model"]), opts, providers=["CPUExecutionProvider"]
+        )
         ports = self.session.get_inputs() + self.session.get_outputs()
-        self.check_model(self.session.get_modelmeta().custom_metadata_map.get("edgekv"), {
-            p.name: (DTYPES.get(p.type, p.type), [d if isinstance(d, int) else None for d in p.shape]) for p in ports})
+        self.check_model(
+            self.session.get_modelmeta().custom_metadata_map.get("edgekv"),
+            {p.name: (DTYPES.get(p.type, p.type), [d if isinstance(d, int) else None for d in p.shape]) for p in ports},
+        )
         self.cache = self._cache_buffer()
         self.binding = self.session.io_binding()
         # Each OrtValue shares its part of the buffer's memory: slot writes below are what the next call reads.

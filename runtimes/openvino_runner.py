@@ -22,10 +22,16 @@ class OpenVinoRunner(Runner):
         core = ov.Core()
         model = core.read_model(str(self.folder / manifest["files"]["model"]))
         stamped = model.get_rt_info(["edgekv"]).astype(str) if model.has_rt_info(["edgekv"]) else None
-        self.check_model(stamped, {
-            p.get_any_name(): (DTYPES.get(p.get_element_type().get_type_name(), "?"),
-                               [d.get_length() if d.is_static else None for d in p.get_partial_shape()])
-            for p in model.inputs + model.outputs})
+        self.check_model(
+            stamped,
+            {
+                p.get_any_name(): (
+                    DTYPES.get(p.get_element_type().get_type_name(), "?"),
+                    [d.get_length() if d.is_static else None for d in p.get_partial_shape()],
+                )
+                for p in model.inputs + model.outputs
+            },
+        )
         compiled = core.compile_model(model, "CPU", config)
         self.logits, self.entries = compiled.output("logits"), compiled.output("kv_update")
         self.request = compiled.create_infer_request()

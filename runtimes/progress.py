@@ -129,8 +129,10 @@ class Bar:
         if now - self.last >= (EVERY if self.last > self.start else FIRST) and self.n < self.total:
             self.last = now
             rate = self.n / (now - self.start)
-            say(f"edgekv: {self.desc}: {self.n}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, about "
-                f"{duration((self.total - self.n) / rate)} left)")
+            say(
+                f"edgekv: {self.desc}: {self.n}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, about "
+                f"{duration((self.total - self.n) / rate)} left)"
+            )
 
     def __enter__(self) -> Bar:
         return self

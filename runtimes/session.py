@@ -52,9 +52,14 @@ def save_session(runner, path: Path, state: dict | None = None) -> int:
 
     path = Path(path)
     cache = runner.cache_state()
-    cache = np.ascontiguousarray(cache[:, :, :, :min(runner.pos, cache.shape[3])])
-    metadata = {"edgekv_session": SESSION_FORMAT, "identity": json.dumps(session_identity(runner.manifest)),
-                "position": str(runner.pos), "cache_dtype": cache.dtype.name, "state": json.dumps(state or {})}
+    cache = np.ascontiguousarray(cache[:, :, :, : min(runner.pos, cache.shape[3])])
+    metadata = {
+        "edgekv_session": SESSION_FORMAT,
+        "identity": json.dumps(session_identity(runner.manifest)),
+        "position": str(runner.pos),
+        "cache_dtype": cache.dtype.name,
+        "state": json.dumps(state or {}),
+    }
     metadata["sha256"] = checksum(cache, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -93,16 +98,22 @@ def read_session(path: Path, manifest: dict) -> tuple[np.ndarray, int, dict]:
     want = session_identity(manifest)
     for key in SESSION_IDENTITY:
         if saved.get(key) != want[key]:
-            raise EdgekvError(f"{path} was saved from another model or cache ({key} {saved.get(key)!r}, this artifact "
-                              f"has {want[key]!r}); start a new session or pass the artifact it came from")
+            raise EdgekvError(
+                f"{path} was saved from another model or cache ({key} {saved.get(key)!r}, this artifact "
+                f"has {want[key]!r}); start a new session or pass the artifact it came from"
+            )
     arch = manifest["architecture"]
     slots = cache_slots(manifest)
     shape = (2, arch["num_layers"], arch["num_kv_heads"], min(max(position, 0), slots), arch["head_dim"])
-    if tuple(cache.shape) != shape or cache.dtype not in (np.float16, np.float32) or position < 0 or \
-            not isinstance(state, dict):
+    if (
+        tuple(cache.shape) != shape
+        or cache.dtype not in (np.float16, np.float32)
+        or position < 0
+        or not isinstance(state, dict)
+    ):
         raise EdgekvError(f"{path} is corrupt (cache {list(cache.shape)} {cache.dtype}, position {position}); {redo}")
     full = np.zeros((*shape[:3], slots, shape[4]), cache.dtype)  # slots not yet written: never read
-    full[:, :, :, :shape[3]] = cache
+    full[:, :, :, : shape[3]] = cache
     return full, position, state
 
 

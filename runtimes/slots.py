@@ -20,8 +20,10 @@ def layer_geometry(manifest: dict) -> list[tuple[int, int]]:
     entry), which keep a plain ring of their model's window, S = 0 (docs/cache.md, "Hybrid models")."""
     local = manifest.get("local") or {"window": 0, "layers": []}
     layers = set(local["layers"])
-    return [(0, local["window"]) if i in layers else (manifest["sink"], manifest["window"])
-            for i in range(manifest["architecture"]["num_layers"])]
+    return [
+        (0, local["window"]) if i in layers else (manifest["sink"], manifest["window"])
+        for i in range(manifest["architecture"]["num_layers"])
+    ]
 
 
 def cache_slots(manifest: dict) -> int:

@@ -28,33 +28,68 @@ TARGETS = ("executorch", "coreml", "onnx", "openvino")  # slowest conversion fir
 
 # Grouped-query heads and head_dim != hidden / heads wherever the config allows it.
 TINY = {
-    "llama": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64}),
+    "llama": dict(
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     # Llama 3.2: tied embeddings and its llama3 rope (theta 500,000, factor 32), every frequency band in use.
-    "llama3.2": dict(head_dim=16, tie_word_embeddings=True,
-                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 64}),
+    "llama3.2": dict(
+        head_dim=16,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "llama-linear": dict(head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "mistral": dict(head_dim=16, sliding_window=24),
     "qwen2": dict(),  # Qwen2 derives head_dim from hidden / heads; it carries q/k/v biases
     "qwen3": dict(head_dim=16),  # q/k norms
     "phi3": dict(),  # fused qkv_proj / gate_up_proj
     "phi3-partial": dict(partial_rotary_factor=0.5),  # Phi-4-mini style: half of each head rotates
-    "phi3-longrope": dict(max_position_embeddings=1024, original_max_position_embeddings=256,
-                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                           "short_factor": [1.0 + i / 8 for i in range(6)],
-                                           "long_factor": [2.0 + i for i in range(6)]}),
+    "phi3-longrope": dict(
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + i / 8 for i in range(6)],
+            "long_factor": [2.0 + i for i in range(6)],
+        },
+    ),
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=True),  # layers 1, 3: no rotary
     # Two sliding layers around a global one; a 7-token local ring; the (1 + w) norms, sandwich norms, q/k norms;
     # one KV head, as Gemma 3 270M.
-    "gemma3": dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
-                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                   tie_word_embeddings=True),
+    "gemma3": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=7,
+        query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=True,
+    ),
 }
-FAMILY_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-                  "smollm3": "SmolLM3", "gemma3": "Gemma3Text"}
+FAMILY_CLASSES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi3",
+    "smollm3": "SmolLM3",
+    "gemma3": "Gemma3Text",
+}
 
 
 def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -64,9 +99,17 @@ def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
 
     family = kind.split("-")[0].removesuffix("3.2")
     cls = FAMILY_CLASSES[family]
-    fields = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False, pad_token_id=None)  # SmolLM3's default pad id is past a tiny vocab
+    fields = dict(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+    )  # SmolLM3's default pad id is past a tiny vocab
     fields.update(TINY[kind])
     fields.update(overrides)
     config = getattr(transformers, cls + "Config")(**fields)
@@ -148,12 +191,19 @@ def two_at_a_time(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedP
         return list(pool.map(lambda args: edgekv(*args, env=ONE_THREAD), commands))
 
 
-def edgekv(*args: str, timeout: int = 3600, stdin: str | None = None, env: dict | None = None
-           ) -> subprocess.CompletedProcess:
+def edgekv(
+    *args: str, timeout: int = 3600, stdin: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process (with `env` added to the environment). The timeout only
     catches a hang: SmolLM2's ExecuTorch int4 export takes 7 minutes alone and twice that beside two others."""
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, input=stdin, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
@@ -164,12 +214,15 @@ def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
 
 # A chat template in the tiny tokenizer's own words (w0..w127), append-only like the real ones (the generation
 # prompt is the assistant's header), so `edgekv chat` runs on a tiny export.
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ 'w3' if m['role'] == 'assistant' else 'w1' }} {{ m['content'] }} w2 "
-                      "{% endfor %}{% if add_generation_prompt %}w3 {% endif %}")
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ 'w3' if m['role'] == 'assistant' else 'w1' }} {{ m['content'] }} w2 "
+    "{% endfor %}{% if add_generation_prompt %}w3 {% endif %}"
+)
 
 
-def export_tiny_chat(tmp: Path, targets: tuple[str, ...], sink: int = 2, window: int = 6, chunk: int = 4
-                     ) -> dict[str, Path]:
+def export_tiny_chat(
+    tmp: Path, targets: tuple[str, ...], sink: int = 2, window: int = 6, chunk: int = 4
+) -> dict[str, Path]:
     """A tiny Llama with a chat template, exported in-process to each target (a few seconds each)."""
     from exporter.export import export_one, manifest_base
     from exporter.loaders import build_model, load_checkpoint

@@ -64,8 +64,15 @@ def test_artifact_ppl_uses_the_runner(smol_artifacts, tmp_path):
 
 
 def test_chat_two_turns_through_stdin(smol_artifacts):
-    r = edgekv("chat", str(smol_artifacts / "onnx"), "--max-tokens", "24", "--seed", "1",
-               stdin="Hello! Who are you?\nName three colours.\n")
+    r = edgekv(
+        "chat",
+        str(smol_artifacts / "onnx"),
+        "--max-tokens",
+        "24",
+        "--seed",
+        "1",
+        stdin="Hello! Who are you?\nName three colours.\n",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     stats = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and "stream position" in ln]
     assert len(stats) == 2, r.stderr[-2000:]
@@ -94,8 +101,21 @@ def test_chat_stream_holds_exactly_the_rendered_conversation(smol_artifacts):
 def tiny_onnx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     folder = make_tiny("llama", tmp / "hf")
-    r = edgekv("export", "--target", "onnx", "--model", str(folder), "--sink", "2", "--window", "6",
-               "--chunk", "4", "--out", str(tmp / "out"))
+    r = edgekv(
+        "export",
+        "--target",
+        "onnx",
+        "--model",
+        str(folder),
+        "--sink",
+        "2",
+        "--window",
+        "6",
+        "--chunk",
+        "4",
+        "--out",
+        str(tmp / "out"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return folder, tmp / "out"
 
@@ -105,16 +125,19 @@ def test_unknown_target():
 
 
 def test_missing_model(tmp_path):
-    one_line_error(edgekv("export", "--target", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)),
-                   "no such file or folder")
+    one_line_error(
+        edgekv("export", "--target", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)),
+        "no such file or folder",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(tiny_onnx):
     folder, out = tiny_onnx
     before = (out / "onnx" / "edgekv.json").read_text()
-    one_line_error(edgekv("export", "--target", "onnx", "--model", str(folder), "--out", str(out)),
-                   "exists; pass --force")
+    one_line_error(
+        edgekv("export", "--target", "onnx", "--model", str(folder), "--out", str(out)), "exists; pass --force"
+    )
     assert (out / "onnx" / "edgekv.json").read_text() == before
 
 
@@ -140,19 +163,34 @@ def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("target,line", [("all", "] loading "), ("all", "traced decode and prefill"),
-                                         ("openvino", "converted to ONNX")])
+@pytest.mark.parametrize(
+    "target,line", [("all", "] loading "), ("all", "traced decode and prefill"), ("openvino", "converted to ONNX")]
+)
 def test_interrupted_export_leaves_the_tree_as_it_was(tiny_onnx, tmp_path, target, line):
     """Ctrl-C while loading, in the middle of the first conversion, between two converters: every folder the
     command created is gone (OUT was two levels that did not exist)."""
     folder, _ = tiny_onnx
     (tmp_path / "kept").mkdir()
     before = tree(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", target, "--model",
-                             str(folder), "--out", str(tmp_path / "new" / "out")], stderr=subprocess.PIPE, text=True,
-                            # Ctrl-C as a terminal delivers it, even where the test itself runs with SIGINT ignored
-                            # (a shell's background job)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter.cli",
+            "export",
+            "--target",
+            target,
+            "--model",
+            str(folder),
+            "--out",
+            str(tmp_path / "new" / "out"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as a terminal delivers it, even where the test itself runs with SIGINT ignored
+        # (a shell's background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for got in proc.stderr:
         if line in got:
             proc.send_signal(signal.SIGINT)
@@ -166,16 +204,30 @@ def test_coreml_runs_on_linux_through_the_mil_executor(tmp_path):
     if sys.platform == "darwin":
         pytest.skip("Core ML itself runs on macOS")
     folder = make_tiny("qwen2", tmp_path / "hf")
-    r = edgekv("export", "--target", "coreml", "--model", str(folder), "--sink", "1", "--window", "5",
-               "--chunk", "2", "--out", str(tmp_path / "out"))
+    r = edgekv(
+        "export",
+        "--target",
+        "coreml",
+        "--model",
+        str(folder),
+        "--sink",
+        "1",
+        "--window",
+        "5",
+        "--chunk",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(40)))
     r = edgekv("ppl", str(tmp_path / "out" / "coreml"), "--text", str(text), "--tokens", "30", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NumPy MIL executor" in r.stderr and "its speed is not Core ML's" in r.stderr
-    eager = edgekv("ppl", "--model", str(folder), "--sink", "1", "--window", "5", "--text", str(text),
-                   "--tokens", "30", "--json")
+    eager = edgekv(
+        "ppl", "--model", str(folder), "--sink", "1", "--window", "5", "--text", str(text), "--tokens", "30", "--json"
+    )
     assert eager.returncode == 0, eager.stderr[-2000:]
     got, want = json.loads(r.stdout), json.loads(eager.stdout)
     assert got["tokens"] == want["tokens"] == 30 and abs(got["ppl"] / want["ppl"] - 1) < 1e-2

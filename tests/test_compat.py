@@ -36,8 +36,11 @@ SINK, WINDOW, CHUNK = 2, 6, 4
 
 
 def all_hooks(folder: Path = Path(".")) -> list[compat.Hook]:
-    return [*compat_executorch.make_hooks(folder), *compat_coreml.make_hooks(True, lambda array: None),
-            *compat_onnx.make_hooks()]
+    return [
+        *compat_executorch.make_hooks(folder),
+        *compat_coreml.make_hooks(True, lambda array: None),
+        *compat_onnx.make_hooks(),
+    ]
 
 
 def no_hooks(*args):
@@ -53,6 +56,7 @@ def counting(fn, name: str, taken: collections.Counter):
     def counted(*args, **kwargs):
         taken[name] += 1
         return fn(*args, **kwargs)
+
     return counted
 
 
@@ -61,13 +65,15 @@ def ckpt(tmp_path_factory):
     """One layer, a tied table (ExecuTorch duplicates it for the lookup outside XNNPACK), and MLP weights of 64 KB
     (the size ExecuTorch's serialized weights spill to files from)."""
     folder = tmp_path_factory.mktemp("compat") / "hf"
-    return load_checkpoint(make_tiny("llama", folder, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                                     tie_word_embeddings=True))
+    return load_checkpoint(
+        make_tiny("llama", folder, hidden_size=64, intermediate_size=256, num_hidden_layers=1, tie_word_embeddings=True)
+    )
 
 
 def export(ckpt, target: str, out: Path, quant: Quantization = NONE) -> Path:
-    model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True,
-                        pack=Packer(target, quant) if quant.bits else None)
+    model = build_model(
+        ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True, pack=Packer(target, quant) if quant.bits else None
+    )
     return export_one(model, ckpt, target, out, manifest_base(ckpt, SINK, WINDOW, CHUNK), CHUNK, quant)
 
 
@@ -76,8 +82,9 @@ def test_every_hook_fits_the_installed_packages():
     of the SHA-256 of its source."""
     import inspect
 
-    found = {h.name: hashlib.sha256(inspect.getsource(compat.upstream(h)).encode()).hexdigest()[:16]
-             for h in all_hooks()}
+    found = {
+        h.name: hashlib.sha256(inspect.getsource(compat.upstream(h)).encode()).hexdigest()[:16] for h in all_hooks()
+    }
     assert {h.name: h.fingerprint for h in all_hooks()} == found
     assert len(found) == 19
 
@@ -155,7 +162,8 @@ class Counted:
         def counted_keep(self, asked, program):
             ops, check = keep(self, asked, program)
             taken["unchecked" if check is None else "checked"] += any(
-                n.target in ops for n in program.graph.nodes if n.op == "call_function")
+                n.target in ops for n in program.graph.nodes if n.op == "call_function"
+            )
             return ops, check
 
         def counted_spilling(add, folder):
@@ -164,6 +172,7 @@ class Counted:
             def add_on_disk(self, key, data, *args, **kwargs):
                 taken["spilled"] += isinstance(data, bytes) and len(data) >= m.SPILL
                 return inner(self, key, data, *args, **kwargs)
+
             return add_on_disk
 
         class Dependencies(m._Dependencies):
@@ -177,14 +186,19 @@ class Counted:
                 taken["shared"] += type(value) in (torch.Tensor, torch.nn.Parameter)
                 return sharing.deepcopy(value, memo)
 
-        for name, value in (("_retrace_if_changed", counted_retrace), ("_keeping_what_it_takes", counted_keep),
-                            ("_spilling", counted_spilling), ("_Dependencies", Dependencies),
-                            ("_SharingTensors", SharingTensors)):
+        for name, value in (
+            ("_retrace_if_changed", counted_retrace),
+            ("_keeping_what_it_takes", counted_keep),
+            ("_spilling", counted_spilling),
+            ("_Dependencies", Dependencies),
+            ("_SharingTensors", SharingTensors),
+        ):
             monkeypatch.setattr(m, name, value)
 
 
-@pytest.mark.parametrize("scheme", ["none", pytest.param("int8", marks=pytest.mark.slow),
-                                    pytest.param("int4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "scheme", ["none", pytest.param("int8", marks=pytest.mark.slow), pytest.param("int4", marks=pytest.mark.slow)]
+)
 def test_executorch_hooks_and_shortcuts_do_not_change_a_byte(ckpt, tmp_path, monkeypatch, scheme):
     """ExecuTorch's .pte with every hook is byte for byte the one it writes without any, and every hook was used:
     most retraces of XNNPACK's passes skipped, the ops it keeps whole kept through one decomposition in both
@@ -257,6 +271,7 @@ def test_coreml_hooks_keep_the_package(ckpt, tmp_path, monkeypatch):
 def test_onnx_hook_keeps_the_file_and_drops_the_graphs_copies(ckpt, tmp_path, monkeypatch):
     """The ONNX file is byte for byte the one written without the hook; torch.onnx.export's graph tensors outlive an
     export without it, data and all, and have none left after one with it."""
+
     def made_by(run):
         before = compat_onnx.graph_tensors()
         data = (run() / "model.onnx").read_bytes()
@@ -293,13 +308,24 @@ def test_fp16_range_check_agrees_with_coremltools_rule():
     """compat.coreml.overflows_fp16 (a block at a time) decides as coremltools 9.0's fp16_overflow does
     (passes/defs/quantization.py: the largest |v| below 1e38 must not pass 65504), on edge values and on arrays
     whose one outlier lies in a later block."""
+
     def coremltools_rule(value):
         a = np.abs(np.expand_dims(np.asarray(value, dtype=np.float32), 0))
         return bool(np.max(a[np.where(a < 1e38)], initial=0.0) > 65504)
 
     rng = np.random.default_rng(0)
-    cases = [np.float32(3.0), [65504.0], [65505.0], [-7e4], [1e38], [3e38], [np.inf, -np.inf], [np.nan, 1.0],
-             [-1e9, np.nan], rng.normal(size=(5, 7)).astype(np.float32)]
+    cases = [
+        np.float32(3.0),
+        [65504.0],
+        [65505.0],
+        [-7e4],
+        [1e38],
+        [3e38],
+        [np.inf, -np.inf],
+        [np.nan, 1.0],
+        [-1e9, np.nan],
+        rng.normal(size=(5, 7)).astype(np.float32),
+    ]
     for where, value in ((3, 7e4), (29, -1e5), (29, np.inf), (0, 1e39)):
         a = rng.normal(size=30).astype(np.float32)
         a[where] = value
@@ -332,11 +358,21 @@ def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
         assert views == (compat_executorch._Dependencies,) * 2
         assert partitioner._can_merge_partitions is compat_executorch._can_merge
         view = fx_partitioner._DependencyViewer(graph)
-    assert (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer,
-            partitioner._can_merge_partitions) == originals
+    assert (
+        fx_partitioner._DependencyViewer,
+        group_partitioner._DependencyViewer,
+        partitioner._can_merge_partitions,
+    ) == originals
     nodes = list(graph.graph.nodes)
-    assert {n.name for n in view.downstreams_of(nodes[0])} == {"relu", "add", "sigmoid", "mul", "sub", "matmul",
-                                                               "output"}  # all of x's, not tanh(y)
+    assert {n.name for n in view.downstreams_of(nodes[0])} == {
+        "relu",
+        "add",
+        "sigmoid",
+        "mul",
+        "sub",
+        "matmul",
+        "output",
+    }  # all of x's, not tanh(y)
     for node in nodes:
         assert view.downstreams_of(node) == torch_view.downstreams_of(node) == executorch_view.downstreams_of(node)
         assert view.upstreams_of(node) == executorch_view.upstreams_of(node)
@@ -346,8 +382,7 @@ def test_executorch_partitioners_see_the_same_dependencies(tmp_path):
     by_id = {i: Partition(id=i, nodes=p) for i, p in enumerate(parts)}
     judge = partitioner.__new__(partitioner)  # only its dependency_viewer is read
     answers = {}
-    for name, viewer, check in (("own", executorch_view, originals[2]),
-                                ("edgekv", view, compat_executorch._can_merge)):
+    for name, viewer, check in (("own", executorch_view, originals[2]), ("edgekv", view, compat_executorch._can_merge)):
         judge.dependency_viewer = viewer
         answers[name] = [check(judge, i, j, by_id) for i in by_id for j in by_id if i != j]
     assert answers["own"] == answers["edgekv"]
@@ -399,4 +434,3 @@ def test_executorch_duplicates_a_tied_table_by_sharing_it(tmp_path, monkeypatch)
     assert len(duplicates) == 2 and all(copy_ == original for copy_, original in duplicates)
     assert duplicate_constant_node_pass.copy is copy
     assert shared == own
-

@@ -23,8 +23,9 @@ def du_mb(path: Path) -> int:
 
 
 def pip_install(venv: Path, src: Path, extras: str) -> None:
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{src}[{extras}]"], capture_output=True,
-                       text=True, timeout=1200)
+    r = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", f"{src}[{extras}]"], capture_output=True, text=True, timeout=1200
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -52,8 +53,9 @@ def device(tmp_path_factory):
 
 
 def device_edgekv(venv: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / "edgekv"), *args], capture_output=True, text=True, timeout=600,
-                          input=stdin, cwd=venv.parent)  # not the repo: its sources must not shadow the install
+    return subprocess.run(
+        [str(venv / "bin" / "edgekv"), *args], capture_output=True, text=True, timeout=600, input=stdin, cwd=venv.parent
+    )  # not the repo: its sources must not shadow the install
 
 
 def generate_json(run, folder: Path) -> dict:
@@ -77,8 +79,11 @@ def folders(tmp_path_factory):
 def test_torch_free_venv_generates_and_chats_as_the_export_venv(device, folders, record_property):
     venv, _, size = device
     assert torch_is_missing(venv)
-    record_property("measured", f"torch-free venv (pip install '.[onnx,openvino]') {size} MB; "
-                                f"full venv ('.[export,dev]') {du_mb(Path(sys.prefix))} MB")
+    record_property(
+        "measured",
+        f"torch-free venv (pip install '.[onnx,openvino]') {size} MB; "
+        f"full venv ('.[export,dev]') {du_mb(Path(sys.prefix))} MB",
+    )
 
     def here(*args, stdin=None):
         return edgekv(*args, stdin=stdin)
@@ -101,12 +106,18 @@ def test_a_missing_runtime_or_export_stack_names_its_extra(device, folders, tmp_
     shutil.copytree(folders["onnx"], folder)
     manifest = json.loads((folder / "edgekv.json").read_text())
     (folder / "edgekv.json").write_text(json.dumps({**manifest, "target": "executorch"}))
-    one_line_error(device_edgekv(venv, "generate", str(folder), "--prompt", "w1"),
-                   "executorch is not installed; pip install 'edgekv[executorch]'")
+    one_line_error(
+        device_edgekv(venv, "generate", str(folder), "--prompt", "w1"),
+        "executorch is not installed; pip install 'edgekv[executorch]'",
+    )
     one_line_error(device_edgekv(venv, "export", "--target", "onnx"), "pip install 'edgekv[export]'")
     one_line_error(device_edgekv(venv, "ppl", "--text", str(tmp_path)), "pip install 'edgekv[export]'")
-    one_line_error(device_edgekv(venv, "bench", str(folders["onnx"]), "--tokens", "24", "--steps", "3", "--plot",
-                                 str(tmp_path / "b.png")), "matplotlib is not installed; pip install 'edgekv[plot]'")
+    one_line_error(
+        device_edgekv(
+            venv, "bench", str(folders["onnx"]), "--tokens", "24", "--steps", "3", "--plot", str(tmp_path / "b.png")
+        ),
+        "matplotlib is not installed; pip install 'edgekv[plot]'",
+    )
 
 
 def test_mil_executor_runs_core_ml_without_torch(device, tmp_path, record_property):

@@ -42,8 +42,16 @@ def same_weights(model: StreamingLM, sink: int, window: int) -> StreamingLM:
 def test_config_and_bos(gemma):
     ckpt, tokenizer, ids, model = gemma
     cfg = ckpt.config
-    assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.vocab_size, cfg.tie_word_embeddings) == ("gemma3_text", 18, 640, 4, 1, 256, 262144, True)
+    assert (
+        cfg.model_type,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.tie_word_embeddings,
+    ) == ("gemma3_text", 18, 640, 4, 1, 256, 262144, True)
     assert [i for i in range(18) if not cfg.is_local(i)] == [5, 11, 17] and cfg.local_window == 512
     assert (cfg.rope_theta, cfg.local_rope["rope_theta"], cfg.hidden_act) == (1e6, 1e4, "gelu_pytorch_tanh")
     assert adds_bos(tokenizer) and ids[0] == 2 and len(ids) == 2000  # Gemma's sink sits on BOS
@@ -59,7 +67,7 @@ def test_matches_transformers_below_the_ring(gemma):
     with torch.no_grad():
         want = hf(tokens).logits[0]
         model.reset()
-        got = torch.cat([model(tokens[:, s:s + 64], torch.tensor([s]))[0] for s in range(0, 320, 64)])
+        got = torch.cat([model(tokens[:, s : s + 64], torch.tensor([s]))[0] for s in range(0, 320, 64)])
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
@@ -83,8 +91,10 @@ def test_residual_stream_fits_fp16(gemma):
     """Carried at 1/8, the stream (about 104,000 at its largest in fp32) stays inside fp16's 65,504."""
     _, _, ids, model = gemma
     largest = []
-    hooks = [layer.register_forward_hook(lambda mod, inp, out: largest.append(float(out[0].abs().max())))
-             for layer in model.layers]
+    hooks = [
+        layer.register_forward_hook(lambda mod, inp, out: largest.append(float(out[0].abs().max())))
+        for layer in model.layers
+    ]
     with torch.no_grad():
         model.reset()
         model(torch.tensor([ids[:64]]), torch.tensor([0]))
@@ -96,8 +106,9 @@ def test_residual_stream_fits_fp16(gemma):
 
 def test_onnx_export_validates_and_generates_as_the_reference(gemma, tmp_path):
     ckpt, tokenizer, ids, _ = gemma
-    r = edgekv("export", "--target", "onnx", "--model", GEMMA3_270M, "--window", "124", "--chunk", "32",
-               "--out", str(tmp_path))
+    r = edgekv(
+        "export", "--target", "onnx", "--model", GEMMA3_270M, "--window", "124", "--chunk", "32", "--out", str(tmp_path)
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     folder = tmp_path / "onnx"
     manifest = json.loads((folder / "edgekv.json").read_text())

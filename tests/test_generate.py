@@ -48,11 +48,15 @@ def test_greedy_identical_across_targets_and_reference(tiny):
 
 def test_sampling_is_reproducible_with_a_seed(tiny):
     folders, _ = tiny
-    sampled = [generate_json(folders["onnx"], "--temperature", "1.0", "--top-p", "0.95", "--seed", str(s))["tokens"]
-               for s in (7, 7, 8)]
+    sampled = [
+        generate_json(folders["onnx"], "--temperature", "1.0", "--top-p", "0.95", "--seed", str(s))["tokens"]
+        for s in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
-    assert generate_json(folders["executorch"], "--temperature", "1.0", "--top-p", "0.95", "--seed", "7")[
-        "tokens"] == sampled[0]
+    assert (
+        generate_json(folders["executorch"], "--temperature", "1.0", "--top-p", "0.95", "--seed", "7")["tokens"]
+        == sampled[0]
+    )
 
 
 def test_generation_stops_at_a_stop_token(tiny):
@@ -62,7 +66,7 @@ def test_generation_stops_at_a_stop_token(tiny):
     first = list(generate(ref, prompt, NEW))
     ref.reset()
     stopped = list(generate(ref, prompt, NEW, stop={first[5]}))
-    assert stopped == first[:first.index(first[5]) + 1]
+    assert stopped == first[: first.index(first[5]) + 1]
 
 
 def test_text_stream_matches_full_decode(smollm2):
@@ -78,8 +82,20 @@ def test_text_stream_matches_full_decode(smollm2):
 def test_bench_json_and_plot(tiny, tmp_path):
     folders, _ = tiny
     png = tmp_path / "bench.png"
-    r = edgekv("bench", str(folders["onnx"]), str(folders["executorch"]), "--tokens", "60", "--steps", "4",
-               "--points", "3", "--json", "--plot", str(png))
+    r = edgekv(
+        "bench",
+        str(folders["onnx"]),
+        str(folders["executorch"]),
+        "--tokens",
+        "60",
+        "--steps",
+        "4",
+        "--points",
+        "3",
+        "--json",
+        "--plot",
+        str(png),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(r.stdout)["results"]
     assert [x["target"] for x in results] == ["onnx", "executorch"]
@@ -102,15 +118,29 @@ def test_generate_bad_sampling_arguments(tiny):
     one_line_error(edgekv("generate", str(folders["onnx"]), "--prompt", "w1", "--top-p", "0"), "--top-p")
 
 
-@pytest.mark.parametrize("executor,says", [(None, "(transformers, 0.0 MB"),
-                                           ("numpy-mil", "(coreml via numpy-mil, not its speed")])
+@pytest.mark.parametrize(
+    "executor,says", [(None, "(transformers, 0.0 MB"), ("numpy-mil", "(coreml via numpy-mil, not its speed")]
+)
 def test_bench_report_names_who_ran_it(executor, says):
     from runtimes.cli_bench import report
 
-    row = {"artifact": "a", "target": "transformers", "size_mb": 0.0, "sink": 0, "window": 8, "chunk": 4,
-           "prefill_tok_s": None, "decode_tok_s": 2.0, "positions": [8, 16], "ms_per_token": [500.0, 510.0],
-           "ms_p10": [490.0, 500.0], "ms_p90": [520.0, 530.0], "rss_mb": [100.0, 100.0], "flat_ms_ratio": 1.02,
-           "rss_growth": 0.0}
+    row = {
+        "artifact": "a",
+        "target": "transformers",
+        "size_mb": 0.0,
+        "sink": 0,
+        "window": 8,
+        "chunk": 4,
+        "prefill_tok_s": None,
+        "decode_tok_s": 2.0,
+        "positions": [8, 16],
+        "ms_per_token": [500.0, 510.0],
+        "ms_p10": [490.0, 500.0],
+        "ms_p90": [520.0, 530.0],
+        "rss_mb": [100.0, 100.0],
+        "flat_ms_ratio": 1.02,
+        "rss_growth": 0.0,
+    }
     if executor:  # a Core ML folder on Linux: numbers from the NumPy MIL executor
         row.update(target="coreml", executor=executor)
     text = report(row)

@@ -22,13 +22,30 @@ from exporter.loaders import build_model, load_checkpoint
 from runtimes.errors import EdgekvError
 from tests.conftest import edgekv, make_tiny, one_line_error
 
-FIELDS = [*SIZE_FIELDS, "model_type", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
-          "hidden_act", "attention_bias", "partial_rotary_factor", "layer_types", "sliding_window"]
+FIELDS = [
+    *SIZE_FIELDS,
+    "model_type",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "hidden_act",
+    "attention_bias",
+    "partial_rotary_factor",
+    "layer_types",
+    "sliding_window",
+]
 VALUES = st.one_of(
-    st.integers(-2, 10), st.integers(10, 1 << 40), st.sampled_from([0, 1, 16, 48, 96, 128, 1 << 16, 1 << 24]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.none(), st.booleans(),
-    st.lists(st.integers(0, 4), max_size=3), st.dictionaries(st.sampled_from(["rope_type", "factor"]),
-                                                             st.sampled_from(["linear", "yarn", 2.0, -1, None])))
+    st.integers(-2, 10),
+    st.integers(10, 1 << 40),
+    st.sampled_from([0, 1, 16, 48, 96, 128, 1 << 16, 1 << 24]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(0, 4), max_size=3),
+    st.dictionaries(st.sampled_from(["rope_type", "factor"]), st.sampled_from(["linear", "yarn", 2.0, -1, None])),
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +78,17 @@ def test_fuzzed_configs_load_or_are_refused_in_one_line(tiny, tmp_path_factory, 
     assert time.perf_counter() - start < 20  # no allocation sized by an unchecked number
 
 
-@pytest.mark.parametrize("edit,message", [
-    ({"hidden_size": 4096}, "config.json implies"),  # the weights hold 48
-    ({"num_hidden_layers": 40}, "missing tensors"),  # they hold 2
-    ({"vocab_size": 1 << 40}, "vocab_size = 1099511627776 is not an integer in 1..16777216"),
-    ({"num_attention_heads": "4"}, "num_attention_heads = '4' is not an integer"),
-    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-    ({"intermediate_size": 2}, "config.json implies"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"hidden_size": 4096}, "config.json implies"),  # the weights hold 48
+        ({"num_hidden_layers": 40}, "missing tensors"),  # they hold 2
+        ({"vocab_size": 1 << 40}, "vocab_size = 1099511627776 is not an integer in 1..16777216"),
+        ({"num_attention_heads": "4"}, "num_attention_heads = '4' is not an integer"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+        ({"intermediate_size": 2}, "config.json implies"),
+    ],
+)
 def test_config_that_disagrees_with_its_weights(tiny, tmp_path, edit, message):
     shutil.copytree(tiny, tmp_path / "hf")
     cfg = json.loads((tiny / "config.json").read_text())
@@ -92,10 +112,10 @@ def test_damaged_safetensors_headers_are_refused_in_one_line(tiny, tmp_path_fact
     if data.draw(st.booleans()):
         raw[:8] = struct.pack("<Q", data.draw(st.integers(0, (1 << 64) - 1)))
     else:
-        header = raw[8:8 + length]
+        header = raw[8 : 8 + length]
         for _ in range(data.draw(st.integers(1, 4))):
             header[data.draw(st.integers(0, length - 1))] = data.draw(st.sampled_from(b'0123456789[]{},:"x-e'))
-        raw[8:8 + length] = header
+        raw[8 : 8 + length] = header
     path.write_bytes(bytes(raw))
     outcome(folder)
 
@@ -105,11 +125,11 @@ def test_a_shape_past_the_file_is_refused_before_it_is_allocated(tiny, tmp_path)
     path = safetensors_file(tmp_path / "hf")
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [1 << 30, 1 << 30]  # 4 EB of float32
     text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
     assert f"{name}'s shape or offsets do not match the file" in outcome(tmp_path / "hf")
 
 
@@ -137,11 +157,25 @@ def test_long_commands_speak_before_loading(tiny, tmp_path):
     """The first line of `export` and `validate` comes before torch and the model load (validate printed nothing
     for minutes before); what it says names the work."""
     out = tmp_path / "out"
-    export = ["export", "--target", "onnx", "--model", str(tiny), "--sink", "2", "--window", "6", "--chunk", "4",
-              "--out", str(out)]
-    for argv, first, then in ((export, f"exporting {tiny} to {out / 'onnx'}", "] loading "),
-                              (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}",
-                               f"; loading {tiny}")):
+    export = [
+        "export",
+        "--target",
+        "onnx",
+        "--model",
+        str(tiny),
+        "--sink",
+        "2",
+        "--window",
+        "6",
+        "--chunk",
+        "4",
+        "--out",
+        str(out),
+    ]
+    for argv, first, then in (
+        (export, f"exporting {tiny} to {out / 'onnx'}", "] loading "),
+        (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}", f"; loading {tiny}"),
+    ):
         proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *argv], stderr=subprocess.PIPE, text=True)
         line = proc.stderr.readline()
         rest = proc.communicate(timeout=300)[1]
@@ -153,21 +187,37 @@ def test_out_naming_a_file_is_refused_before_loading(tmp_path):
     (tmp_path / "f").write_text("x")
     start = time.perf_counter()
     one_line_error(edgekv("export", "--target", "onnx", "--out", str(tmp_path / "f")), "is a file, not a folder")
-    one_line_error(edgekv("export", "--target", "onnx", "--out", str(tmp_path / "f" / "deeper")),
-                   "is a file, not a folder")
+    one_line_error(
+        edgekv("export", "--target", "onnx", "--out", str(tmp_path / "f" / "deeper")), "is a file, not a folder"
+    )
     assert time.perf_counter() - start < 30  # two processes; no model was loaded (SmolLM2's alone takes longer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
-@pytest.mark.parametrize("content,message", [
-    ("caf\u00e9 au lait. ".encode("latin-1") * 50, "is not UTF-8 text (byte 0xe9 at offset 3)"),
-    (b"\x00\x01\x02 binary" * 50, "holds NUL bytes"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("caf\u00e9 au lait. ".encode("latin-1") * 50, "is not UTF-8 text (byte 0xe9 at offset 3)"),
+        (b"\x00\x01\x02 binary" * 50, "holds NUL bytes"),
+    ],
+)
 def test_ppl_refuses_a_text_that_is_not_utf8(tiny, tmp_path, content, message):
     (tmp_path / "t.txt").write_bytes(content)
     one_line_error(edgekv("ppl", "--model", str(tiny), "--text", str(tmp_path / "t.txt")), message)
-    one_line_error(edgekv("export", "--target", "onnx", "--model", str(tiny), "--system-prompt",
-                          str(tmp_path / "t.txt"), "--out", str(tmp_path / "out")), message)
+    one_line_error(
+        edgekv(
+            "export",
+            "--target",
+            "onnx",
+            "--model",
+            str(tiny),
+            "--system-prompt",
+            str(tmp_path / "t.txt"),
+            "--out",
+            str(tmp_path / "out"),
+        ),
+        message,
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -185,8 +235,22 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tiny, tmp_path):
     for folder in (tmp / f"edgekv-{dead}-abc123", out / f".onnx.tmp-{dead}", tmp / "edgekv-1-live"):
         folder.mkdir(parents=True)
         (folder / "x").write_text("half-written")
-    r = edgekv("export", "--target", "onnx", "--model", str(tiny), "--sink", "2", "--window", "6", "--chunk", "4",
-               "--out", str(out), env={"TMPDIR": str(tmp)})
+    r = edgekv(
+        "export",
+        "--target",
+        "onnx",
+        "--model",
+        str(tiny),
+        "--sink",
+        "2",
+        "--window",
+        "6",
+        "--chunk",
+        "4",
+        "--out",
+        str(out),
+        env={"TMPDIR": str(tmp)},
+    )
     assert r.returncode == 0, r.stderr[-1500:]
     assert sorted(p.name for p in tmp.iterdir()) == ["edgekv-1-live"]  # pid 1 is alive: not ours to remove
     assert sorted(p.name for p in out.iterdir()) == ["onnx"]
@@ -198,9 +262,23 @@ def test_a_stop_signal_unwinds_like_ctrl_c(tiny, tmp_path, sig):
     folders it made and its temporary folder gone."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--target", "openvino", "--model",
-                             str(tiny), "--out", str(tmp_path / "new" / "out")], stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "TMPDIR": str(tmp)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter.cli",
+            "export",
+            "--target",
+            "openvino",
+            "--model",
+            str(tiny),
+            "--out",
+            str(tmp_path / "new" / "out"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "TMPDIR": str(tmp)},
+    )
     for line in proc.stderr:
         if "converted to ONNX" in line:
             proc.send_signal(sig)

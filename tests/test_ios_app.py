@@ -24,9 +24,13 @@ SWIFT_FILES = sorted(f for f in APP.rglob("*.swift") if ".build" not in f.relati
 # Swift sources that talk to Core ML (the tests may name anything).
 APP_SOURCES = [f for f in SWIFT_FILES if "Tests" not in f.relative_to(APP).parts]
 # What `swift build` and `swift test` compile on Linux; the rest only Xcode compiles.
-SWIFTPM_ON_LINUX = [f for f in SWIFT_FILES
-                    if f.name == "Package.swift" or f.relative_to(APP).parts[:2] == ("Sources", "EdgeKVCore")
-                    or f.relative_to(APP).parts[0] == "Tests"]
+SWIFTPM_ON_LINUX = [
+    f
+    for f in SWIFT_FILES
+    if f.name == "Package.swift"
+    or f.relative_to(APP).parts[:2] == ("Sources", "EdgeKVCore")
+    or f.relative_to(APP).parts[0] == "Tests"
+]
 XCODE_ONLY = [f for f in SWIFT_FILES if f not in SWIFTPM_ON_LINUX]
 
 
@@ -42,7 +46,7 @@ def syntax_errors(parser: Parser, source: bytes) -> list[str]:
 
     def walk(node):
         if node.is_error or node.is_missing:
-            errors.append(f"line {node.start_point[0] + 1}: {source[node.start_byte:node.end_byte][:60]!r}")
+            errors.append(f"line {node.start_point[0] + 1}: {source[node.start_byte : node.end_byte][:60]!r}")
         for child in node.children:
             walk(child)
 
@@ -52,9 +56,12 @@ def syntax_errors(parser: Parser, source: bytes) -> list[str]:
 
 def test_every_file_only_xcode_compiles_parses(parser):
     assert [f.relative_to(APP).as_posix() for f in XCODE_ONLY] == [
-        "App/ChatView.swift", "App/EdgeKVDemoApp.swift",
-        "Sources/EdgeKVRuntime/ChatSession+CoreML.swift", "Sources/EdgeKVRuntime/CoreMLModel.swift",
-        "Sources/EdgeKVRuntime/Footprint.swift", "Sources/EdgeKVRuntime/HFTokenizer.swift",
+        "App/ChatView.swift",
+        "App/EdgeKVDemoApp.swift",
+        "Sources/EdgeKVRuntime/ChatSession+CoreML.swift",
+        "Sources/EdgeKVRuntime/CoreMLModel.swift",
+        "Sources/EdgeKVRuntime/Footprint.swift",
+        "Sources/EdgeKVRuntime/HFTokenizer.swift",
         "Sources/EdgeKVRuntime/JinjaChatTemplate.swift",
     ]
     assert len(SWIFTPM_ON_LINUX) == 24
@@ -81,10 +88,15 @@ def test_the_package_needs_no_outside_package_off_apple_systems():
         assert name in apple and name not in rest, name
     assert '.target(name: "EdgeKVCore")' in rest and "swiftLanguageModes: [.v6]" in rest
     # The check can fail: a dependency declared for every platform is found.
-    moved = (APP / "Package.swift").read_text().replace(
-        "var dependencies: [Package.Dependency] = []",
-        'var dependencies: [Package.Dependency] = [.package(url: "https://github.com/huggingface/swift-jinja", '
-        'from: "2.0.0")]')
+    moved = (
+        (APP / "Package.swift")
+        .read_text()
+        .replace(
+            "var dependencies: [Package.Dependency] = []",
+            'var dependencies: [Package.Dependency] = [.package(url: "https://github.com/huggingface/swift-jinja", '
+            'from: "2.0.0")]',
+        )
+    )
     assert ".package(" in apple_only_part(moved)[1]
 
 
@@ -101,12 +113,20 @@ SWIFT_TYPES = {  # Swift Codable type -> the schema object it decodes
     "TensorSpec": "#/$defs/tensor",
     "Prefix": "#/properties/prefix",
 }
-READS_EVERY_KEY = {"Manifest", "Source", "Architecture", "SpecialTokens", "Entries", "TensorSpec", "Quantization",
-                   "Prefix"}
+READS_EVERY_KEY = {
+    "Manifest",
+    "Source",
+    "Architecture",
+    "SpecialTokens",
+    "Entries",
+    "TensorSpec",
+    "Quantization",
+    "Prefix",
+}
 
 
 def text(node, source: bytes) -> str:
-    return source[node.start_byte:node.end_byte].decode()
+    return source[node.start_byte : node.end_byte].decode()
 
 
 def swift_types(parser: Parser, source: bytes) -> dict[str, dict]:
@@ -183,8 +203,9 @@ def expected_json_type(swift_type: str) -> str:
         return "object"
     if swift_type.startswith("["):
         return "array"
-    return {"Int": "integer", "String": "string", "Bool": "boolean", "Double": "number",
-            "TensorRole": "string"}.get(swift_type, "object")
+    return {"Int": "integer", "String": "string", "Bool": "boolean", "Double": "number", "TensorRole": "string"}.get(
+        swift_type, "object"
+    )
 
 
 def test_swift_manifest_type_matches_the_schema(parser):
@@ -237,13 +258,15 @@ def test_swift_fixture_is_a_valid_manifest():
 
 # --- names passed to Core ML come from the manifest -----------------------------------------------
 
+
 def string_literals(parser: Parser, source: bytes) -> list[str]:
     found = []
 
     def walk(node):
         if node.type in ("line_string_literal", "multi_line_string_literal"):
-            found.append("".join(text(c, source) for c in node.children
-                                 if c.type in ("line_str_text", "multi_line_str_text")))
+            found.append(
+                "".join(text(c, source) for c in node.children if c.type in ("line_str_text", "multi_line_str_text"))
+            )
             return
         for child in node.children:
             walk(child)
@@ -273,8 +296,13 @@ def test_no_core_ml_name_is_hard_coded_in_swift(parser):
     assert hard_coded(parser, bad, names) == ["input_pos", "prefill"]
     # ... and the Core ML binding does take them from the manifest.
     binding = (APP / "Sources" / "EdgeKVRuntime" / "CoreMLModel.swift").read_text()
-    for use in ("manifest.entries.decode", "manifest.entries.prefill", "tensor(.tokens", "tensor(.position",
-                "tensor(.logits"):
+    for use in (
+        "manifest.entries.decode",
+        "manifest.entries.prefill",
+        "tensor(.tokens",
+        "tensor(.position",
+        "tensor(.logits",
+    ):
         assert use in binding
 
 

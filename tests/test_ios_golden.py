@@ -57,18 +57,33 @@ class Config:
 
 CONFIGS = (
     # The geometry the app's other tests use; its Core ML manifest is Fixtures/edgekv.json.
-    Config("llama", 4, 28, 8, (("coreml", "none", "edgekv.json"),
-                               ("onnx", "none", "golden/llama-s4-w28-c8-onnx.json"),
-                               ("openvino", "none", "golden/llama-s4-w28-c8-openvino.json"))),
+    Config(
+        "llama",
+        4,
+        28,
+        8,
+        (
+            ("coreml", "none", "edgekv.json"),
+            ("onnx", "none", "golden/llama-s4-w28-c8-onnx.json"),
+            ("openvino", "none", "golden/llama-s4-w28-c8-openvino.json"),
+        ),
+    ),
     # No sink (a plain ring) and no prefill chunk.
     Config("qwen2", 0, 6, 1, (("coreml", "none", "golden/qwen2-s0-w6-c1-coreml.json"),)),
     # One sink, a chunk longer than the ring, int4 weights (widths that group size 32 divides).
-    Config("mistral", 1, 5, 8, (("coreml", "int4", "golden/mistral-s1-w5-c8-coreml-int4.json"),),
-           {"hidden_size": 64, "intermediate_size": 128}),
+    Config(
+        "mistral",
+        1,
+        5,
+        8,
+        (("coreml", "int4", "golden/mistral-s1-w5-c8-coreml-int4.json"),),
+        {"hidden_size": 64, "intermediate_size": 128},
+    ),
 )
 
 
 # --- the table -----------------------------------------------------------------------------------
+
 
 def positions_table(sink: int, window: int) -> list[dict]:
     """Per position, through three wraps of the ring: its slot, the slots its query sees once it is written,
@@ -78,8 +93,14 @@ def positions_table(sink: int, window: int) -> list[dict]:
         last = torch.tensor([p])
         held = slot_positions(last, sink, window)
         seen = visible(last, held, sink, window)[0]
-        rows.append({"position": p, "slot": slot_of(p, sink, window),
-                     "visible": seen.nonzero().flatten().tolist(), "held": held.tolist()})
+        rows.append(
+            {
+                "position": p,
+                "slot": slot_of(p, sink, window),
+                "visible": seen.nonzero().flatten().tolist(),
+                "held": held.tolist(),
+            }
+        )
     return rows
 
 
@@ -97,27 +118,42 @@ def vectors() -> dict:
     cases = []
     for c in CONFIGS:
         counts = sorted({n for n in (1, c.chunk - 1, c.chunk, c.chunk + 1, 2 * c.chunk + 3) if n > 0})
-        cases.append({"manifests": [path for _, _, path in c.exports],
-                      "sink": c.sink, "window": c.window, "chunk": c.chunk,
-                      "feed": [{"tokens": n, "calls": feed_calls(n, c.chunk)} for n in counts],
-                      "positions": positions_table(c.sink, c.window)})
+        cases.append(
+            {
+                "manifests": [path for _, _, path in c.exports],
+                "sink": c.sink,
+                "window": c.window,
+                "chunk": c.chunk,
+                "feed": [{"tokens": n, "calls": feed_calls(n, c.chunk)} for n in counts],
+                "positions": positions_table(c.sink, c.window),
+            }
+        )
     return {"cases": cases}
 
 
 def render(table: dict) -> str:
     """JSON with one row per line, so a change to the table reads as a short diff."""
+
     def rows(key: str, items: list) -> str:
         return f'      "{key}": [\n' + ",\n".join(f"        {json.dumps(r)}" for r in items) + "\n      ]"
 
     cases = []
     for case in table["cases"]:
         head = ",\n".join(f'      "{k}": {json.dumps(case[k])}' for k in ("manifests", "sink", "window", "chunk"))
-        cases.append("    {\n" + head + ",\n" + rows("feed", case["feed"]) + ",\n"
-                     + rows("positions", case["positions"]) + "\n    }")
+        cases.append(
+            "    {\n"
+            + head
+            + ",\n"
+            + rows("feed", case["feed"])
+            + ",\n"
+            + rows("positions", case["positions"])
+            + "\n    }"
+        )
     return '{\n  "cases": [\n' + ",\n".join(cases) + "\n  ]\n}\n"
 
 
 # --- the manifests -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory) -> dict[str, dict]:
@@ -149,9 +185,13 @@ def stable(manifest: dict) -> dict:
 def differences(a, b, path: str = "") -> list[str]:
     """Paths (`inputs[0].dtype`) where two JSON values differ."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(a.keys() | b.keys())
-                for d in (differences(a[k], b[k], f"{path}.{k}".lstrip(".")) if k in a and k in b
-                          else [f"{path}.{k}".lstrip(".")])]
+        return [
+            d
+            for k in sorted(a.keys() | b.keys())
+            for d in (
+                differences(a[k], b[k], f"{path}.{k}".lstrip(".")) if k in a and k in b else [f"{path}.{k}".lstrip(".")]
+            )
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
     return [] if a == b and type(a) is type(b) else [path]
@@ -166,9 +206,11 @@ def expected_manifests() -> list[str]:
     return sorted(path for c in CONFIGS for _, _, path in c.exports)
 
 
-HOW_TO_UPDATE = ("re-export differs from the committed Swift fixtures; if the change is meant, run "
-                 "`EDGEKV_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_ios_golden.py`, "
-                 "then `swift test` in apps/ios-demo")
+HOW_TO_UPDATE = (
+    "re-export differs from the committed Swift fixtures; if the change is meant, run "
+    "`EDGEKV_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_ios_golden.py`, "
+    "then `swift test` in apps/ios-demo"
+)
 
 
 def test_golden_vectors_are_current():
@@ -202,8 +244,13 @@ def test_fixtures_are_valid_manifests_of_each_geometry():
         for target, scheme, path in c.exports:
             m = json.loads((FIXTURES / path).read_text())
             jsonschema.validate(m, schema)
-            assert (m["target"], m["quantization"]["scheme"], m["sink"], m["window"], m["chunk"]) == \
-                (target, scheme, c.sink, c.window, c.chunk)
+            assert (m["target"], m["quantization"]["scheme"], m["sink"], m["window"], m["chunk"]) == (
+                target,
+                scheme,
+                c.sink,
+                c.window,
+                c.chunk,
+            )
             assert m["source"]["model"] == c.source
 
 
@@ -236,8 +283,12 @@ def test_differences_ignore_only_volatile_fields():
     moved["inputs"][0]["dtype"] = "int64"
     moved["digests"]["extra.bin"] = "sha256:" + "2" * 64
     moved["new_key"] = 1
-    assert differences(stable(committed), stable(moved)) == ["digests.extra.bin", "inputs[0].dtype", "new_key",
-                                                            "window"]
+    assert differences(stable(committed), stable(moved)) == [
+        "digests.extra.bin",
+        "inputs[0].dtype",
+        "new_key",
+        "window",
+    ]
     assert differences({"a": [1, 2]}, {"a": [1]}) == ["a"] and differences({"a": 1}, {"a": 1.0}) == ["a"]
 
 
@@ -261,9 +312,14 @@ def test_golden_session_is_current(tmp_path):
     """Fixtures/session.safetensors, written by runtimes/session.py: the Swift SessionFile tests decode it."""
     from runtimes.session import read_session, save_session
 
-    state = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello."}],
-             "in_stream": "w1 Be brief. w2 w1 Hi w2 w3 Hello."}
+    state = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+        "in_stream": "w1 Be brief. w2 w1 Hi w2 w3 Hello.",
+    }
     save_session(_FixtureStream(), tmp_path / "s.safetensors", state)
     if UPDATE:
         SESSION.write_bytes((tmp_path / "s.safetensors").read_bytes())

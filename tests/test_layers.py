@@ -14,8 +14,19 @@ from tests.conftest import export_tiny_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 # The export stack: none of it may load when a folder is only run.
-HEAVY = {"torch", "torchao", "executorch", "coremltools", "onnx", "onnxscript", "transformers", "gguf",
-         "accelerate", "safetensors", "matplotlib"}
+HEAVY = {
+    "torch",
+    "torchao",
+    "executorch",
+    "coremltools",
+    "onnx",
+    "onnxscript",
+    "transformers",
+    "gguf",
+    "accelerate",
+    "safetensors",
+    "matplotlib",
+}
 # Runs one `edgekv` command in this process, then lists what it imported of the export stack and of exporter/.
 PROBE = f"""
 import json, sys
@@ -54,8 +65,9 @@ def onnx_folder(tmp_path_factory):
 
 
 def probe(*args: str, stdin: str | None = None) -> dict:
-    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=600,
-                       input=stdin, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=600, input=stdin, cwd=ROOT
+    )
     report = json.loads(r.stderr.strip().splitlines()[-1])
     assert report["code"] == 0, r.stderr[-2000:]
     return report
@@ -65,9 +77,11 @@ def probe(*args: str, stdin: str | None = None) -> dict:
 def test_run_only_commands_import_no_export_stack(onnx_folder, tmp_path, command):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(100)))
-    args = {"generate": ["--prompt", "w5 w17 w3", "--max-tokens", "8", "--json"],
-            "chat": ["--max-tokens", "6", "--temperature", "0"],
-            "ppl": ["--text", str(text), "--tokens", "20", "--json"],
-            "bench": ["--tokens", "24", "--steps", "3", "--points", "2", "--json"]}[command]
+    args = {
+        "generate": ["--prompt", "w5 w17 w3", "--max-tokens", "8", "--json"],
+        "chat": ["--max-tokens", "6", "--temperature", "0"],
+        "ppl": ["--text", str(text), "--tokens", "20", "--json"],
+        "bench": ["--tokens", "24", "--steps", "3", "--points", "2", "--json"],
+    }[command]
     report = probe(command, str(onnx_folder), *args, stdin="w4 w5\nw6\n")
     assert report["imported"] == []

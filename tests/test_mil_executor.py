@@ -20,11 +20,13 @@ NP = {F16: np.float16, F32: np.float32, I32: np.int32, BOOL: np.bool_}
 
 def build(tmp_path, specs, body, states=()) -> MILProgram:
     """Save a program of `body(*inputs)` as an iOS 18 .mlpackage, unoptimized, and load it in the executor."""
-    inputs = [mb.TensorSpec(shape=s, dtype=d) for s, d in specs] + \
-             [mb.StateTensorSpec(shape=s, dtype=d) for s, d in states]
+    inputs = [mb.TensorSpec(shape=s, dtype=d) for s, d in specs] + [
+        mb.StateTensorSpec(shape=s, dtype=d) for s, d in states
+    ]
     prog = mb.program(input_specs=inputs, opset_version=ct.target.iOS18)(body)
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       pass_pipeline=ct.PassPipeline.EMPTY)
+    model = ct.convert(
+        prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, pass_pipeline=ct.PassPipeline.EMPTY
+    )
     path = tmp_path / "p.mlpackage"
     model.save(str(path))
     return MILProgram(path)
@@ -58,8 +60,11 @@ def assert_fp16_close(got, exact):
 
 # Elementwise ops on fp16 must give exactly IEEE fp16 arithmetic: torch's float16 ops are the judge.
 BINARY = {
-    "add": (mb.add, torch.add), "sub": (mb.sub, torch.sub), "mul": (mb.mul, torch.mul),
-    "real_div": (mb.real_div, torch.div), "maximum": (mb.maximum, torch.maximum),
+    "add": (mb.add, torch.add),
+    "sub": (mb.sub, torch.sub),
+    "mul": (mb.mul, torch.mul),
+    "real_div": (mb.real_div, torch.div),
+    "maximum": (mb.maximum, torch.maximum),
     "minimum": (mb.minimum, torch.minimum),
 }
 
@@ -76,13 +81,13 @@ def test_binary_float_ops_exactly(tmp_path, op, dtype):
 
 def test_fp16_rounds_to_nearest_even_and_overflows_to_inf(tmp_path):
     x = np.array([2048, 2050, 60000, -60000, 1], np.float16)
-    y = np.array([1, 1, 10000, -10000, 2 ** -11], np.float16)  # 2049 and 2051 are ties; 70000 > 65504
+    y = np.array([1, 1, 10000, -10000, 2**-11], np.float16)  # 2049 and 2051 are ties; 70000 > 65504
     got = run(tmp_path, [((5,), F16), ((5,), F16)], lambda a, b: mb.add(x=a, y=b), x, y)
     np.testing.assert_array_equal(got, np.array([2048, 2052, np.inf, -np.inf, 1], np.float16))
 
 
 def test_every_intermediate_fp16_result_is_rounded(tmp_path):
-    x, y = np.array([2048, 1, 40000], np.float16), np.array([1, 2 ** -11, 40000], np.float16)
+    x, y = np.array([2048, 1, 40000], np.float16), np.array([1, 2**-11, 40000], np.float16)
     body = lambda a, b: mb.sub(x=mb.add(x=a, y=b), y=a)  # noqa: E731  (x + y) - x, in fp16
     got = run(tmp_path, [((3,), F16), ((3,), F16)], body, x, y)
     np.testing.assert_array_equal(got, np.array([0, 0, np.inf], np.float16))  # fp32 would give [1, 2**-11, 40000]
@@ -94,9 +99,14 @@ def test_floor_div_of_negative_integers(tmp_path):
     np.testing.assert_array_equal(got, torch.div(t(x), t(y), rounding_mode="floor").numpy())
 
 
-COMPARE = {"equal": (mb.equal, torch.eq), "not_equal": (mb.not_equal, torch.ne),
-           "less": (mb.less, torch.lt), "less_equal": (mb.less_equal, torch.le),
-           "greater": (mb.greater, torch.gt), "greater_equal": (mb.greater_equal, torch.ge)}
+COMPARE = {
+    "equal": (mb.equal, torch.eq),
+    "not_equal": (mb.not_equal, torch.ne),
+    "less": (mb.less, torch.lt),
+    "less_equal": (mb.less_equal, torch.le),
+    "greater": (mb.greater, torch.gt),
+    "greater_equal": (mb.greater_equal, torch.ge),
+}
 
 
 @pytest.mark.parametrize("op", COMPARE)
@@ -159,8 +169,14 @@ def test_shape_ops(tmp_path):
 
 def test_split_and_squeeze(tmp_path):
     x = rand((6, 4, 1), F16)
-    program = build(tmp_path, [(x.shape, F16)], lambda a: (
-        *mb.split(x=a, num_splits=3, axis=0), *mb.split(x=mb.squeeze(x=a, axes=[-1]), split_sizes=[1, 3], axis=1)))
+    program = build(
+        tmp_path,
+        [(x.shape, F16)],
+        lambda a: (
+            *mb.split(x=a, num_splits=3, axis=0),
+            *mb.split(x=mb.squeeze(x=a, axes=[-1]), split_sizes=[1, 3], axis=1),
+        ),
+    )
     got = list(program.run("main", {"a": x}, {}).values())
     want = [*torch.chunk(t(x), 3, 0), *torch.split(t(x).squeeze(-1), [1, 3], 1)]
     assert len(got) == 5
@@ -171,11 +187,18 @@ def test_split_and_squeeze(tmp_path):
 def test_slice_by_index_with_masks_and_strides(tmp_path):
     x = rand((5, 6, 7), F32)
     body = lambda a: mb.slice_by_index(  # noqa: E731
-        x=a, begin=[1, 0, -5], end=[4, 0, 7], stride=[2, 1, 2],
-        begin_mask=[False, True, False], end_mask=[False, True, False], squeeze_mask=[False, False, False])
+        x=a,
+        begin=[1, 0, -5],
+        end=[4, 0, 7],
+        stride=[2, 1, 2],
+        begin_mask=[False, True, False],
+        end_mask=[False, True, False],
+        squeeze_mask=[False, False, False],
+    )
     np.testing.assert_array_equal(run(tmp_path, [(x.shape, F32)], body, x), t(x)[1:4:2, :, -5:7:2].numpy())
     squeeze = lambda a: mb.slice_by_index(  # noqa: E731
-        x=a, begin=[2, 1, 0], end=[3, 5, 0], end_mask=[False, False, True], squeeze_mask=[True, False, False])
+        x=a, begin=[2, 1, 0], end=[3, 5, 0], end_mask=[False, False, True], squeeze_mask=[True, False, False]
+    )
     np.testing.assert_array_equal(run(tmp_path, [(x.shape, F32)], squeeze, x), t(x)[2, 1:5, :].numpy())
 
 
@@ -206,8 +229,13 @@ def test_matmul_transposes(tmp_path, tx, ty):
     x, y = rand((3, 8, 5), F32), rand((3, 5, 6), F32)
     x_in = np.swapaxes(x, -1, -2).copy() if tx else x
     y_in = np.swapaxes(y, -1, -2).copy() if ty else y
-    got = run(tmp_path, [(x_in.shape, F32), (y_in.shape, F32)],
-              lambda a, b: mb.matmul(x=a, y=b, transpose_x=tx, transpose_y=ty), x_in, y_in)
+    got = run(
+        tmp_path,
+        [(x_in.shape, F32), (y_in.shape, F32)],
+        lambda a, b: mb.matmul(x=a, y=b, transpose_x=tx, transpose_y=ty),
+        x_in,
+        y_in,
+    )
     np.testing.assert_allclose(got, torch.matmul(t(x).double(), t(y).double()).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -219,16 +247,21 @@ def test_reductions_and_activations(tmp_path, dtype):
         "reduce_sum": (lambda a: mb.reduce_sum(x=a, axes=[1], keep_dims=False), lambda v: v.sum(1)),
         "softmax": (lambda a: mb.softmax(x=a, axis=-1), lambda v: torch.softmax(v, -1)),
         "silu": (lambda a: mb.silu(x=a), torch.nn.functional.silu),
-        "reduce_max": (lambda a: mb.reduce_max(x=mb.abs(x=a), axes=[0, 2], keep_dims=False),
-                       lambda v: v.abs().amax(dim=(0, 2))),
+        "reduce_max": (
+            lambda a: mb.reduce_max(x=mb.abs(x=a), axes=[0, 2], keep_dims=False),
+            lambda v: v.abs().amax(dim=(0, 2)),
+        ),
         "inverse": (lambda a: mb.inverse(x=mb.abs(x=a), epsilon=NP[dtype](0.5)), lambda v: 1 / (v.abs() + 0.5)),
         "rsqrt": (lambda a: mb.rsqrt(x=mb.mul(x=a, y=a), epsilon=NP[dtype](1e-3)), lambda v: torch.rsqrt(v * v + 1e-3)),
     }
     for name, (body, exact) in cases.items():
         got = run(tmp_path / name, [(x.shape, dtype)], body, x)
         if dtype is F16:  # the product a*a is rounded to fp16 before rsqrt, as the program says
-            want = exact(t(x).double()) if name != "rsqrt" else torch.rsqrt(
-                (t(x) * t(x)).double() + float(np.float16(1e-3)))
+            want = (
+                exact(t(x).double())
+                if name != "rsqrt"
+                else torch.rsqrt((t(x) * t(x)).double() + float(np.float16(1e-3)))
+            )
             assert_fp16_close(got, want.numpy())
         else:
             np.testing.assert_allclose(got, exact(t(x).double()).numpy(), rtol=2e-6, atol=1e-7, err_msg=name)
@@ -263,8 +296,11 @@ def test_state_is_read_and_written_across_calls(tmp_path):
 
 
 def test_an_op_the_executor_lacks_fails_with_its_name(tmp_path):
-    with pytest.raises(EdgekvError, match=r"op 'erf' \(\w+\) in function 'main': the NumPy executor does not "
-                                          r"implement 'erf'"):
+    with pytest.raises(
+        EdgekvError,
+        match=r"op 'erf' \(\w+\) in function 'main': the NumPy executor does not "
+        r"implement 'erf'",
+    ):
         build(tmp_path, [((4,), F32)], lambda a: mb.erf(x=mb.add(x=a, y=np.float32(1))))
 
 

@@ -29,7 +29,7 @@ def feed(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, tokens.shape[1], chunk):
-            out.append(model(tokens[:, s:s + chunk], torch.tensor([s]))[0])
+            out.append(model(tokens[:, s : s + chunk], torch.tensor([s]))[0])
     return torch.cat(out)
 
 
@@ -58,8 +58,12 @@ def test_family_configs_are_read_as_transformers_defines_them(tmp_path):
     cfgs = {k: load_checkpoint(make_tiny(k, tmp_path / k)).config for k in ("gemma3", "smollm3", "phi3-partial")}
     g = cfgs["gemma3"]
     assert (g.local_window, g.sliding_window, [g.is_local(i) for i in range(3)]) == (7, None, [True, False, True])
-    assert (g.rope_theta, g.local_rope["rope_theta"], g.norm_offset, g.hidden_act) == \
-        (1e6, 1e4, 1.0, "gelu_pytorch_tanh")
+    assert (g.rope_theta, g.local_rope["rope_theta"], g.norm_offset, g.hidden_act) == (
+        1e6,
+        1e4,
+        1.0,
+        "gelu_pytorch_tanh",
+    )
     assert g.attn_scale == 12**-0.5 and g.embed_scale == pytest.approx(48**0.5) and g.residual_scale == 0.125
     assert [cfgs["smollm3"].has_rope(i) for i in range(4)] == [True, False, True, False]
     assert cfgs["phi3-partial"].rope_dim == 6 and cfgs["phi3-partial"].head_dim == 12

@@ -45,9 +45,11 @@ def test_debug_lets_everything_through(capfd, monkeypatch):
 
 def test_bars_print_lines_with_the_time_left_when_stderr_is_a_file(tmp_path):
     """A 10-step loop of 0.1 s with the first line after 0.25 s and then every 0.3 s, stderr a file."""
-    script = ("import time\nfrom runtimes import progress\nprogress.FIRST, progress.EVERY = 0.25, 0.3\n"
-              "with progress.Bar(10, 'validate') as bar:\n    for _ in range(10):\n"
-              "        time.sleep(0.1)\n        bar.update(1)\n")
+    script = (
+        "import time\nfrom runtimes import progress\nprogress.FIRST, progress.EVERY = 0.25, 0.3\n"
+        "with progress.Bar(10, 'validate') as bar:\n    for _ in range(10):\n"
+        "        time.sleep(0.1)\n        bar.update(1)\n"
+    )
     with open(tmp_path / "err", "w") as err:
         subprocess.run([sys.executable, "-c", script], stderr=err, check=True, cwd=progress.__file__.rsplit("/", 2)[0])
     lines = (tmp_path / "err").read_text().splitlines()

@@ -42,19 +42,23 @@ def test_ppl_cli_json_on_a_tiny_model(tmp_path):
     folder = make_tiny("qwen2", tmp_path / "m")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(300)))
-    r = run_cli("ppl", "--model", str(folder), "--text", str(text), "--sink", "2", "--window", "30",
-                "--tokens", "120", "--json")
+    r = run_cli(
+        "ppl", "--model", str(folder), "--text", str(text), "--sink", "2", "--window", "30", "--tokens", "120", "--json"
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["tokens"], out["mode"], out["sink"], out["window"]) == (120, "sink", 2, 30)
     assert out["ppl"] > 1.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "/nonexistent/model"], "no such file or folder"),
-    (["--window", "9000"], "exceeds the model's trained context"),
-    (["--mode", "dense", "--tokens", "9000"], "exceeds the trained context (8192); lower --tokens"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent/model"], "no such file or folder"),
+        (["--window", "9000"], "exceeds the model's trained context"),
+        (["--mode", "dense", "--tokens", "9000"], "exceeds the trained context (8192); lower --tokens"),
+    ],
+)
 def test_ppl_cli_errors_are_one_line(args, message):
     r = run_cli("ppl", "--text", str(TEXT), *args)
     assert r.returncode == 2

@@ -132,8 +132,9 @@ def test_offsets_compute_the_affine_weights(tmp_path, linear):
     """Symmetric weights + offsets (what ExecuTorch, ONNX and OpenVINO export; ExecuTorch's group sums as XNNPACK's
     mean) give the logits of the model whose weights were rounded in place, tied table and output projection
     included."""
-    ckpt = load_checkpoint(make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128,
-                                     tie_word_embeddings=True))
+    ckpt = load_checkpoint(
+        make_tiny("llama", tmp_path / "hf", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    )
     model = build_model(ckpt, 2, 12, max_chunk=4)
     split = with_offsets(model, 32, linear)
     assert type(split.layers[0].mlp.down_proj) is linear
@@ -159,8 +160,9 @@ def tiny(tmp_path_factory):
     rng = random.Random(0)
     text = tmp / "words.txt"
     text.write_text(" ".join(f"w{rng.randrange(128)}" for _ in range(300)))
-    export_all(tmp / "out", "--model", str(folder), "--sink", "2", "--window", "12", "--chunk", "4",
-               schemes=("none", *SCHEMES))
+    export_all(
+        tmp / "out", "--model", str(folder), "--sink", "2", "--window", "12", "--chunk", "4", schemes=("none", *SCHEMES)
+    )
     return tmp / "out", text
 
 
@@ -178,8 +180,9 @@ def test_tiny_quantized_export_validates(tiny, target, scheme):
     assert manifest["quantization"]["scheme"] == scheme
     caches = [t for t in manifest["state"] + manifest["inputs"] if t["role"] == "cache"]
     assert caches and {c["dtype"] for c in caches} == {manifest["quantization"]["cache_dtype"]}
-    r = edgekv("validate", str(out / f"{target}-{scheme}"), "--unquantized", str(out / target), "--text", str(text),
-               "--json")
+    r = edgekv(
+        "validate", str(out / f"{target}-{scheme}"), "--unquantized", str(out / target), "--text", str(text), "--json"
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and result["quantization"] == scheme and result["tokens"] == 2 + 3 * 12 + 4
@@ -195,14 +198,17 @@ def test_validate_without_the_cross_check(tiny):
     """--no-cross-check (what a 1B+ model needs: the unquantized export holds the float model) leaves out the
     unquantized twin and says so; the reference (a layer at a time) gives the same pair as with the twin."""
     out, text = tiny
-    runs = [edgekv("validate", str(out / "onnx-int4"), "--text", str(text), "--json", *flag)
-            for flag in ((), ("--no-cross-check",))]
+    runs = [
+        edgekv("validate", str(out / "onnx-int4"), "--text", str(text), "--json", *flag)
+        for flag in ((), ("--no-cross-check",))
+    ]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     full, alone = (json.loads(r.stdout) for r in runs)
     assert [(p["a"], p["b"]) for p in alone["pairs"]] == [("reference", "onnx-int4")]
     assert alone["pairs"][0] == quantized_pair(full, "int4") and len(full["pairs"]) == 3
-    assert alone["not_run"] == ["onnx: the onnx export to compare with was not made (--no-cross-check); "
-                                "pass --unquantized DIR"]
+    assert alone["not_run"] == [
+        "onnx: the onnx export to compare with was not made (--no-cross-check); pass --unquantized DIR"
+    ]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -277,8 +283,12 @@ def pte_calls(path) -> dict[str, tuple[int, dict[str, int]]]:
     program = deserialize_pte_binary(path.read_bytes()).program
     calls = {}
     for plan in program.execution_plan:
-        ops = collections.Counter(plan.operators[i.instr_args.op_index].name for chain in plan.chains
-                                  for i in chain.instructions if type(i.instr_args).__name__ == "KernelCall")
+        ops = collections.Counter(
+            plan.operators[i.instr_args.op_index].name
+            for chain in plan.chains
+            for i in chain.instructions
+            if type(i.instr_args).__name__ == "KernelCall"
+        )
         calls[plan.name] = len(plan.delegates), dict(ops)
     return calls
 
@@ -298,12 +308,15 @@ def test_executorch_int4_keeps_the_partitions_of_fp32(tiny):
 
 def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path):
     folder = make_tiny("qwen2", tmp_path / "hf")  # hidden 48
-    r = edgekv("export", "--target", "onnx", "--model", str(folder), "--quantize", "int4", "--out",
-               str(tmp_path / "out"))
+    r = edgekv(
+        "export", "--target", "onnx", "--model", str(folder), "--quantize", "int4", "--out", str(tmp_path / "out")
+    )
     one_line_error(r, "--group-size 32 does not divide hidden_size 48")
     assert not (tmp_path / "out").exists()
-    one_line_error(edgekv("export", "--target", "onnx", "--quantize", "int4", "--group-size", "16"),
-                   "argument --group-size: invalid choice: 16")
+    one_line_error(
+        edgekv("export", "--target", "onnx", "--quantize", "int4", "--group-size", "16"),
+        "argument --group-size: invalid choice: 16",
+    )
     one_line_error(edgekv("export", "--target", "onnx", "--quantize", "int2"), "argument --quantize: invalid choice")
 
 
@@ -325,24 +338,28 @@ def smol_quantized(tmp_path_factory):
 def smol_quantized_validated(smol_artifacts, smol_quantized) -> dict:
     """`edgekv validate` of every quantized SmolLM2 folder against its target's unquantized export, two at a time."""
     jobs = [(t, s) for t in TARGETS for s in SCHEMES]
-    runs = two_at_a_time([("validate", str(smol_quantized / f"{t}-{s}"), "--unquantized", str(smol_artifacts / t),
-                           "--json") for t, s in jobs])
+    runs = two_at_a_time(
+        [
+            ("validate", str(smol_quantized / f"{t}-{s}"), "--unquantized", str(smol_artifacts / t), "--json")
+            for t, s in jobs
+        ]
+    )
     return dict(zip(jobs, runs, strict=True))
 
 
 def weight_bytes(folder) -> int:
     """Bytes of the model files (what quantization shrinks; the tokenizer is the same in every folder)."""
     manifest = json.loads((folder / "edgekv.json").read_text())
-    paths = [folder / name for role, name in manifest["files"].items() if role in ("model", "weights",
-                                                                                  "external_data")]
+    paths = [folder / name for role, name in manifest["files"].items() if role in ("model", "weights", "external_data")]
     return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("target", TARGETS)
-def test_smollm2_quantized_validates_and_shrinks(smol_artifacts, smol_quantized, smol_quantized_validated, target,
-                                                 scheme):
+def test_smollm2_quantized_validates_and_shrinks(
+    smol_artifacts, smol_quantized, smol_quantized_validated, target, scheme
+):
     folder = smol_quantized / f"{target}-{scheme}"
     r = smol_quantized_validated[target, scheme]
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]

@@ -21,8 +21,22 @@ def test_wheel_ships_the_schema_the_default_validation_text_and_the_license(tmp_
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE", "exporter", "runtimes"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("edgekv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"runtimes/edgekv.schema.json", "runtimes/data/shakespeare-excerpt.txt"} <= names

@@ -38,8 +38,9 @@ SAME_INT8 = SAME
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_streamed_export_equals_quantizing_the_float_model(tmp_path, target, scheme):
     # Tied embeddings (stored once where the format allows) and q/k/v biases: a Qwen2 with a tied table.
-    ckpt = load_checkpoint(make_tiny("qwen2", tmp_path / "hf", hidden_size=64, intermediate_size=128,
-                                     tie_word_embeddings=True))
+    ckpt = load_checkpoint(
+        make_tiny("qwen2", tmp_path / "hf", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    )
     quant = Quantization(scheme)
     base = manifest_base(ckpt, SINK, WINDOW, CHUNK)
     folders = {}
@@ -82,8 +83,9 @@ def onnx_codes(folder) -> list[bytes]:
     from onnx import numpy_helper
 
     graph = onnx.load(str(folder / "model.onnx")).graph
-    return sorted(numpy_helper.to_array(t).tobytes() for t in graph.initializer
-                  if t.data_type == onnx.TensorProto.UINT8)
+    return sorted(
+        numpy_helper.to_array(t).tobytes() for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8
+    )
 
 
 def test_streamed_model_holds_no_float_weights(tmp_path):
@@ -95,8 +97,11 @@ def test_streamed_model_holds_no_float_weights(tmp_path):
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     float_model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK)
     weights = sum(p.numel() for p in float_model.parameters() if p.ndim == 2)
-    packed = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
-                 if n.rpartition(".")[2] in ("data", "scales", "offset"))
+    packed = sum(
+        b.numel() * b.element_size()
+        for n, b in model.named_buffers()
+        if n.rpartition(".")[2] in ("data", "scales", "offset")
+    )
     assert packed == weights * (0.5 + 4 / 32 + 2 / 32)
 
 
@@ -107,15 +112,41 @@ def test_streamed_model_holds_no_float_weights(tmp_path):
 GROWTH = {"onnx": 1.3, "coreml": 1.3}
 
 
-WIDTHS = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=4096, hidden_size=1024,
-              intermediate_size=4096, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
+WIDTHS = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=4096,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+)
 
 
 def export_peak(ckpt, target: str, out, *flags: str) -> float:
     """Peak RSS (GB) of `edgekv export` in a process of its own."""
-    cmd = [sys.executable, "-m", "exporter.cli", "export", "--target", target, *flags, "--model", str(ckpt),
-           "--window", "60", "--chunk", "16", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "exporter.cli",
+        "export",
+        "--target",
+        target,
+        *flags,
+        "--model",
+        str(ckpt),
+        "--window",
+        "60",
+        "--chunk",
+        "16",
+        "--out",
+        str(out),
+    ]
     code, _, peak = peak_rss_run(cmd, out.with_suffix(".log"))
     assert code == 0, out.with_suffix(".log").read_text()[-2000:]
     return peak
@@ -125,8 +156,16 @@ def export_peak(ckpt, target: str, out, *flags: str) -> float:
 def test_int4_export_memory_grows_with_a_layer_not_the_model(tmp_path, target):
     """Peak RSS of the export process, 16 layers against 4 of the same widths (the float model of 16 layers is
     0.97 GB in fp32; quantizing it after loading held several copies of it)."""
-    peaks = {layers: export_peak(write_checkpoint(tmp_path / f"l{layers}", {**WIDTHS, "num_hidden_layers": layers}),
-                                 target, tmp_path / f"out{layers}", "--quantize", "int4") for layers in (4, 16)}
+    peaks = {
+        layers: export_peak(
+            write_checkpoint(tmp_path / f"l{layers}", {**WIDTHS, "num_hidden_layers": layers}),
+            target,
+            tmp_path / f"out{layers}",
+            "--quantize",
+            "int4",
+        )
+        for layers in (4, 16)
+    }
     print(target, peaks)
     assert peaks[16] <= GROWTH[target] * peaks[4], peaks
 
@@ -150,8 +189,9 @@ def test_openvino_reads_the_embedding_as_constants(tmp_path):
     from exporter.targets.onnx import write_onnx
 
     ckpt = load_checkpoint(make_tiny("llama3.2", tmp_path / "hf", hidden_size=64, intermediate_size=128))
-    model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True,
-                        pack=Packer("openvino", Quantization("int4")))
+    model = build_model(
+        ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True, pack=Packer("openvino", Quantization("int4"))
+    )
     write_onnx(model, tmp_path / "m.onnx", CHUNK, "")
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]

@@ -43,15 +43,19 @@ print(json.dumps(logits))
 
 
 def stream(folder: Path, a: int, b: int, session: str = "-", out: str = "-") -> np.ndarray:
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(a), str(b), session, out, json.dumps(IDS)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder), str(a), str(b), session, out, json.dumps(IDS)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return np.array(json.loads(r.stdout.splitlines()[-1]))
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
-def test_a_stream_resumed_in_a_fresh_process_is_bitwise_the_same(tiny_chat_exports, tmp_path, target,
-                                                                 record_property):
+def test_a_stream_resumed_in_a_fresh_process_is_bitwise_the_same(tiny_chat_exports, tmp_path, target, record_property):
     folder = tiny_chat_exports[target]
     whole = stream(folder, 0, len(IDS))
     session = tmp_path / "s.safetensors"
@@ -98,8 +102,12 @@ def test_bad_sessions_are_refused_and_change_nothing(tiny_chat_exports, other_ex
         sessions[name] = tmp_path / f"{name}.safetensors"
         save_session(runner, sessions[name])
     good = sessions["good"].read_bytes()
-    for name, data in (("truncated", good[: len(good) // 2]), ("flipped", flip(good, len(good) - 5)),
-                       ("header", flip(good, 20)), ("empty", b"")):
+    for name, data in (
+        ("truncated", good[: len(good) // 2]),
+        ("flipped", flip(good, len(good) - 5)),
+        ("header", flip(good, 20)),
+        ("empty", b""),
+    ):
         sessions[name] = tmp_path / f"{name}.safetensors"
         sessions[name].write_bytes(data)
     runner = open_artifact(folder)
@@ -144,8 +152,14 @@ def test_chat_survives_a_kill_and_resumes_mid_conversation(tiny_chat_exports, tm
     chat = ["chat", str(folder), "--max-tokens", "8", "--temperature", "0"]
     whole = edgekv(*chat, stdin="\n".join(turns) + "\n")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *chat, "--session", str(session)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", *chat, "--session", str(session)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdin.write(turns[0] + "\n" + turns[1] + "\n")
     proc.stdin.flush()  # stdin stays open: the process waits for a third turn when it is killed
     done = 0
@@ -166,14 +180,30 @@ def test_a_pinned_system_prompt_is_the_artifacts_start_and_stays_in_the_sink(tmp
     hf = make_tiny("llama", tmp_path / "hf", seed=11)
     (hf / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     (tmp_path / "system.txt").write_text("w7 w8 w9 w10 w11 w12\n")
-    r = edgekv("export", "--target", "onnx", "--model", str(hf), "--window", "6", "--chunk", "4", "--system-prompt",
-               str(tmp_path / "system.txt"), "--out", str(tmp_path / "out"))
+    r = edgekv(
+        "export",
+        "--target",
+        "onnx",
+        "--model",
+        str(hf),
+        "--window",
+        "6",
+        "--chunk",
+        "4",
+        "--system-prompt",
+        str(tmp_path / "system.txt"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     folder = tmp_path / "out" / "onnx"
     manifest = json.loads((folder / "edgekv.json").read_text())
     ids = [1, 7, 8, 9, 10, 11, 12, 2]  # "w1 w7 .. w12 w2 ": the template's rendering, all of it in the sink
-    assert manifest["sink"] == 8 and manifest["prefix"] == {"file": "prefix.safetensors", "tokens": 8,
-                                                            "system": "w7 w8 w9 w10 w11 w12"}
+    assert manifest["sink"] == 8 and manifest["prefix"] == {
+        "file": "prefix.safetensors",
+        "tokens": 8,
+        "system": "w7 w8 w9 w10 w11 w12",
+    }
     started = open_artifact(folder)
     state = load_session(started, folder / "prefix.safetensors")
     assert started.pos == 8 and state["messages"] == [{"role": "system", "content": "w7 w8 w9 w10 w11 w12"}]
@@ -225,8 +255,11 @@ def test_fuzzed_session_files_load_exactly_or_are_refused(tiny_chat_exports, tmp
         seen["loaded"] += 1
 
     case()
-    record_property("measured", f"fuzzed session files: {sum(seen.values())} cases, {seen['refused']} refused, "
-                                f"{seen['loaded']} loaded the same stream")
+    record_property(
+        "measured",
+        f"fuzzed session files: {sum(seen.values())} cases, {seen['refused']} refused, "
+        f"{seen['loaded']} loaded the same stream",
+    )
     assert seen["refused"] > 100
 
 

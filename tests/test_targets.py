@@ -25,8 +25,14 @@ SINK, WINDOW, CHUNK = 3, 11, 5
 
 # Llama and Qwen2 in the default tier; the newer families (Gemma 3's hybrid cache among them) in the slow one, which
 # has the time (the default tier's budget is 15 minutes).
-@pytest.fixture(scope="module", params=["llama", "qwen2", *(
-    pytest.param(k, marks=pytest.mark.slow) for k in ("gemma3", "mistral", "qwen3", "phi3-partial", "smollm3"))])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "llama",
+        "qwen2",
+        *(pytest.param(k, marks=pytest.mark.slow) for k in ("gemma3", "mistral", "qwen3", "phi3-partial", "smollm3")),
+    ],
+)
 def exported(request, tmp_path_factory):
     """The tiny model of one family exported to all four targets, plus its reference logits."""
     tmp = tmp_path_factory.mktemp(request.param)
@@ -76,10 +82,12 @@ def test_coreml_export_reads_weights_in_fp16_and_computes_the_same(exported):
         pytest.skip("the same layers as Llama's, read the same way; Gemma 3's embedding scale is the one difference")
     model = build_model(ckpt, SINK, WINDOW, max_chunk=CHUNK, last_logits_only=True, dtype=torch.float16)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
-    folder = export_one(model, ckpt, "coreml", folders["coreml"].parent / "coreml-fp16", manifest_base(
-        ckpt, SINK, WINDOW, CHUNK), CHUNK)
-    want, got = (run_stream(MILRunner(f, read_manifest(f)), ids, calls, "coreml-numpy") for f in (
-        folders["coreml"], folder))
+    folder = export_one(
+        model, ckpt, "coreml", folders["coreml"].parent / "coreml-fp16", manifest_base(ckpt, SINK, WINDOW, CHUNK), CHUNK
+    )
+    want, got = (
+        run_stream(MILRunner(f, read_manifest(f)), ids, calls, "coreml-numpy") for f in (folders["coreml"], folder)
+    )
     bound = 1e-2 if ckpt.config.model_type.startswith("gemma") else 0.0
     assert np.abs(got - want).max() <= bound * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -103,8 +111,13 @@ def test_coreml_package_interface(exported):
         assert [(s.name, s.type.stateType.arrayType.dataType) for s in f.state] == [("kv_cache", fp16)]
         assert list(f.state[0].type.stateType.arrayType.shape) == manifest["state"][0]["shape"]
     arch = manifest["architecture"]
-    assert manifest["state"][0]["shape"] == [2, arch["num_layers"], arch["num_kv_heads"], SINK + WINDOW,
-                                             arch["head_dim"]]
+    assert manifest["state"][0]["shape"] == [
+        2,
+        arch["num_layers"],
+        arch["num_kv_heads"],
+        SINK + WINDOW,
+        arch["head_dim"],
+    ]
 
 
 def test_manifest_is_self_describing(exported):
@@ -126,8 +139,17 @@ def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
     """The Swift tests decode apps/ios-demo's fixture; it must stay what the exporter writes today."""
     fresh = json.loads((Path(exported[0]["coreml"]) / "edgekv.json").read_text())
     fresh.pop("local", None)  # a hybrid model's key; the Swift tests decode it from their own manifest
-    fixture = json.loads((Path(__file__).resolve().parents[1] / "apps" / "ios-demo" / "Tests" / "EdgeKVCoreTests"
-                          / "Fixtures" / "edgekv.json").read_text())
+    fixture = json.loads(
+        (
+            Path(__file__).resolve().parents[1]
+            / "apps"
+            / "ios-demo"
+            / "Tests"
+            / "EdgeKVCoreTests"
+            / "Fixtures"
+            / "edgekv.json"
+        ).read_text()
+    )
 
     def shape(value):
         if isinstance(value, dict):
@@ -140,5 +162,6 @@ def test_ios_fixture_has_the_shape_of_a_fresh_core_ml_manifest(exported):
     for key in ("entries", "compute_precision", "minimum_deployment_target", "format_version", "target"):
         assert fixture[key] == fresh[key]
     for key in ("inputs", "outputs", "state"):
-        assert [(t["role"], t["name"], t["dtype"]) for t in fixture[key]] == \
-            [(t["role"], t["name"], t["dtype"]) for t in fresh[key]]
+        assert [(t["role"], t["name"], t["dtype"]) for t in fixture[key]] == [
+            (t["role"], t["name"], t["dtype"]) for t in fresh[key]
+        ]

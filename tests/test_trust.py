@@ -19,9 +19,14 @@ from runtimes.manifest import SCHEMA_DOC, schema_problem
 PROMPT = "w5 w17 w3 w99 w42 w8 w64"  # with 12 new tokens the stream wraps the 2 + 6 slot cache twice
 ARGS = ["--prompt", PROMPT, "--max-tokens", "12", "--ignore-eos", "--json"]
 # JSON Schema counts 4.0 as an integer; edgekv does not (a sink of 4.0 is a hand-edit, not a number of slots).
-STRICT = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=(
-    jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))))
+STRICT = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=(
+        jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool)
+        )
+    ),
+)
 
 
 @pytest.fixture
@@ -63,8 +68,16 @@ def at(m, path):
     return m
 
 
-ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=False),
-                       st.text(max_size=8), st.just([]), st.just({}), st.sampled_from([0, 1, -1, 4.0, "4", 65536]))
+ODD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.just([]),
+    st.just({}),
+    st.sampled_from([0, 1, -1, 4.0, "4", 65536]),
+)
 
 
 @st.composite
@@ -75,8 +88,9 @@ def mutated(draw, manifest: dict):
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["drop", "rename", "value", "geometry"]))
         if kind == "geometry":
-            total = m["sink"] + m["window"] if isinstance(m.get("sink"), int) and isinstance(m.get("window"), int) \
-                else 8
+            total = (
+                m["sink"] + m["window"] if isinstance(m.get("sink"), int) and isinstance(m.get("window"), int) else 8
+            )
             sink = draw(st.integers(0, total + 4))
             m["sink"], m["window"] = sink, draw(st.sampled_from([total - sink, total - sink + 1, 500]))
             continue
@@ -105,8 +119,9 @@ def outcome(code: int, out: str, err: str, want: dict) -> str:
     return "refused"
 
 
-SETTINGS = settings(deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
@@ -125,8 +140,11 @@ def test_fuzzed_manifests_run_the_same_or_are_refused_in_one_line(folders, tmp_p
         seen[outcome(*run("generate", str(folder), *ARGS), want)] += 1
 
     case()
-    record_property("measured", f"fuzzed {target} manifests: {sum(seen.values())} cases, {seen['ran']} ran "
-                                f"as the untouched folder, {seen['refused']} refused in one line")
+    record_property(
+        "measured",
+        f"fuzzed {target} manifests: {sum(seen.values())} cases, {seen['ran']} ran "
+        f"as the untouched folder, {seen['refused']} refused in one line",
+    )
     assert seen["refused"] > 0.5 * sum(seen.values())
 
 
@@ -155,8 +173,11 @@ def test_damaged_files_are_refused_in_one_line(folders, tmp_path, target, record
             path.write_bytes(originals[path])
 
     case()
-    record_property("measured", f"damaged {target} files: {sum(seen.values())} cases, {seen['ran']} ran "
-                                f"as the untouched folder, {seen['refused']} refused in one line")
+    record_property(
+        "measured",
+        f"damaged {target} files: {sum(seen.values())} cases, {seen['ran']} ran "
+        f"as the untouched folder, {seen['refused']} refused in one line",
+    )
     assert seen["refused"] > 0.5 * sum(seen.values())
 
 
@@ -171,20 +192,44 @@ def test_the_builtin_schema_check_agrees_with_jsonschema(data):
     assert (problem is None) == (not errors), (problem, [e.message for e in errors][:3])
 
 
-SCHEMA_EXAMPLE = json.dumps({
-    "format_version": 4, "edgekv_version": "0.1.0", "target": "onnx",
-    "source": {"model": "m", "kind": "hf", "weights_sha256": "sha256:" + "0" * 64},
-    "architecture": {"model_type": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
-                     "head_dim": 8, "max_position_embeddings": 256},
-    "sink": 2, "window": 6, "chunk": 4, "vocab_size": 128,
-    "special_tokens": {"bos": 1, "eos": 2, "pad": None, "unk": None}, "cache_layout": "text",
-    "entries": {"decode": "d", "prefill": "p"},
-    "inputs": [{"role": "tokens", "name": "tokens", "dtype": "int64", "shape": [1, "T"]},
-               {"role": "position", "name": "input_pos", "dtype": "int64", "shape": [1]}],
-    "outputs": [{"role": "logits", "name": "logits", "dtype": "float32", "shape": [1, 128]}], "state": [],
-    "compute_precision": "float32",
-    "quantization": {"scheme": "none", "group_size": None, "method": "none", "weights": "float32",
-                     "activations": "float32", "cache_dtype": "float32"},
-    "files": {"model": "model.onnx", "tokenizer": "tokenizer.json"},
-    "digests": {"model.onnx": "sha256:" + "1" * 64},
-})
+SCHEMA_EXAMPLE = json.dumps(
+    {
+        "format_version": 4,
+        "edgekv_version": "0.1.0",
+        "target": "onnx",
+        "source": {"model": "m", "kind": "hf", "weights_sha256": "sha256:" + "0" * 64},
+        "architecture": {
+            "model_type": "llama",
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 256,
+        },
+        "sink": 2,
+        "window": 6,
+        "chunk": 4,
+        "vocab_size": 128,
+        "special_tokens": {"bos": 1, "eos": 2, "pad": None, "unk": None},
+        "cache_layout": "text",
+        "entries": {"decode": "d", "prefill": "p"},
+        "inputs": [
+            {"role": "tokens", "name": "tokens", "dtype": "int64", "shape": [1, "T"]},
+            {"role": "position", "name": "input_pos", "dtype": "int64", "shape": [1]},
+        ],
+        "outputs": [{"role": "logits", "name": "logits", "dtype": "float32", "shape": [1, 128]}],
+        "state": [],
+        "compute_precision": "float32",
+        "quantization": {
+            "scheme": "none",
+            "group_size": None,
+            "method": "none",
+            "weights": "float32",
+            "activations": "float32",
+            "cache_dtype": "float32",
+        },
+        "files": {"model": "model.onnx", "tokenizer": "tokenizer.json"},
+        "digests": {"model.onnx": "sha256:" + "1" * 64},
+    }
+)

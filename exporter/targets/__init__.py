@@ -57,7 +57,8 @@ def pack_model(model: StreamingLM, pack: Packer) -> StreamingLM:
     tied = model.cfg.tie_word_embeddings
     for name, module in list(model.named_modules()):
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and not (
-                tied and name in ("embed_tokens", "lm_head")):
+            tied and name in ("embed_tokens", "lm_head")
+        ):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, pack(module))
     if tied:

@@ -50,8 +50,9 @@ class BlockwiseLinear(torch.nn.Module):
 
     def weight(self) -> torch.Tensor:
         limit = 2 ** (self.bits - 1)
-        return torch.ops.torchao.dequantize_affine(self.codes, [1, self.group], self.scale, self.zero, torch.int8,
-                                                   -limit, limit - 1)
+        return torch.ops.torchao.dequantize_affine(
+            self.codes, [1, self.group], self.scale, self.zero, torch.int8, -limit, limit - 1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
@@ -154,8 +155,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
             program = trace(model, tokens, torch.int32).run_decompositions({})
             mlmodel = ct.convert(
                 program,
-                inputs=[ct.TensorType(name="tokens", shape=(1, tokens), dtype=np.int32),
-                        ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+                inputs=[
+                    ct.TensorType(name="tokens", shape=(1, tokens), dtype=np.int32),
+                    ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32),
+                ],
                 outputs=[ct.TensorType(name="logits", dtype=np.float32)],
                 states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name="kv_cache")],
                 minimum_deployment_target=ct.target.iOS18,
@@ -182,6 +185,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "quantization": spec.quant.manifest(
             "torchao dequantize_affine, written as each weight was read" if spec.quant.bits else "none",
             spec.quant.describe("fp16 scales and zero points") + ", linear layers and embedding "
-            "(constexpr_blockwise_shift_scale)" if spec.quant.bits else "float16",
-            "float16", "float16"),
+            "(constexpr_blockwise_shift_scale)"
+            if spec.quant.bits
+            else "float16",
+            "float16",
+            "float16",
+        ),
     }

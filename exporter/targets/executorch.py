@@ -49,8 +49,10 @@ class XnnpackOffsetLinear(OffsetLinear):
 def _rows(module: torch.nn.Module, start: int, stop: int) -> torch.nn.Module:
     """Rows start:stop of a linear layer or an embedding, viewing its weights."""
     rows = copy.copy(module)
-    rows._parameters = {name: None if p is None else torch.nn.Parameter(p[start:stop], requires_grad=False)
-                        for name, p in module._parameters.items()}
+    rows._parameters = {
+        name: None if p is None else torch.nn.Parameter(p[start:stop], requires_grad=False)
+        for name, p in module._parameters.items()
+    }
     return _sized(rows)
 
 
@@ -66,6 +68,7 @@ def _sized(module: torch.nn.Module) -> torch.nn.Module:
 
 def _joined(parts: list[torch.nn.Module]) -> torch.nn.Module:
     """Packed blocks of rows as one module: each weight (torchao's tensors by their inner tensors) concatenated."""
+
     def cat(tensors):
         first = tensors[0]
         if not hasattr(first, "tensor_data_names"):
@@ -94,16 +97,26 @@ def _torchao(model: torch.nn.Module, quant: Quantization) -> None:
     def weights(kind, offsets=False):
         return lambda m, name: isinstance(m, kind) and name.endswith("offset") == offsets
 
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=linear,
-                                                           weight_mapping_type=mapping),
-              filter_fn=weights(torch.nn.Linear))
+    quantize_(
+        model,
+        Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=dtype, weight_granularity=linear, weight_mapping_type=mapping
+        ),
+        filter_fn=weights(torch.nn.Linear),
+    )
     if quant.bits == 4:  # XnnpackOffsetLinear's offsets (the lookup's stay float32: one row is read a token)
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0),
-                                                               weight_mapping_type=MappingType.SYMMETRIC),
-                  filter_fn=weights(torch.nn.Linear, offsets=True))
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size),
-                                          mapping_type=mapping),
-              filter_fn=weights(torch.nn.Embedding))
+        quantize_(
+            model,
+            Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int8, weight_granularity=PerAxis(0), weight_mapping_type=MappingType.SYMMETRIC
+            ),
+            filter_fn=weights(torch.nn.Linear, offsets=True),
+        )
+    quantize_(
+        model,
+        IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(quant.group_size), mapping_type=mapping),
+        filter_fn=weights(torch.nn.Embedding),
+    )
 
 
 def cache_access(split: StreamingLM) -> dict[str, torch.export.ExportedProgram]:
@@ -148,11 +161,15 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             f"torchao Int8DynamicActivationIntxWeightConfig ({quant.scheme}) + XNNPACK" if quant.bits else "none",
-            {"int4": quant.describe("stored as symmetric int4 + offsets in int8 per output channel (the "
-                                    "embedding's in float32)"),
-             "int8": f"int8 symmetric per output channel (embedding: groups of {quant.group_size})",
-             }.get(quant.scheme, "float32"),
-            "int8 dynamic, per token" if quant.bits else "float32", "float32"),
+            {
+                "int4": quant.describe(
+                    "stored as symmetric int4 + offsets in int8 per output channel (the embedding's in float32)"
+                ),
+                "int8": f"int8 symmetric per output channel (embedding: groups of {quant.group_size})",
+            }.get(quant.scheme, "float32"),
+            "int8 dynamic, per token" if quant.bits else "float32",
+            "float32",
+        ),
     }
 
 
@@ -163,9 +180,12 @@ def _lower_and_write(programs: dict, path: Path, spec: ExportSpec, quant: Quanti
 
     # Without the edge dialect's IR verifier, as ExecuTorch's own LLM export does (extension/llm/export/builder.py):
     # it re-checked every op's dtypes after each pass, a tenth of the lowering's time. The artifact is run by tests.
-    edge = exir.to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
-                                            compile_config=exir.EdgeCompileConfig(_check_ir_validity=False),
-                                            constant_methods={IDENTITY_METHOD: spec.identity})
+    edge = exir.to_edge_transform_and_lower(
+        programs,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=exir.EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods={IDENTITY_METHOD: spec.identity},
+    )
     spec.log("lowered to XNNPACK")
     # share_mutable_buffers: both methods read and write the same cache buffers.
     config = exir.ExecutorchBackendConfig(

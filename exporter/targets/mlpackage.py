@@ -89,8 +89,13 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
     first = functions[names[0]]
     # The first package's spec and manifest (not the executorch_debug_handle_mapping.json a conversion leaves beside,
     # nor its weights: written anew below).
-    shutil.copytree(first, out, ignore=lambda folder, files: [
-        f for f in files if (Path(folder) == first and f not in ("Manifest.json", "Data")) or f == "weight.bin"])
+    shutil.copytree(
+        first,
+        out,
+        ignore=lambda folder, files: [
+            f for f in files if (Path(folder) == first and f not in ("Manifest.json", "Data")) or f == "weight.bin"
+        ],
+    )
     target_spec = spec_path(out)
     merged = ct.proto.Model_pb2.Model()
     merged.ParseFromString(target_spec.read_bytes())
@@ -124,9 +129,14 @@ def merge(functions: dict[str, Path], out: Path, default: str) -> None:
                         moved[kind, blob.offset] = index[digest]
                     blob.offset = moved[kind, blob.offset]
             d = source.description
-            merged.description.functions.add(name=name, input=d.input, output=d.output, state=d.state,
-                                             predictedFeatureName=d.predictedFeatureName,
-                                             predictedProbabilitiesName=d.predictedProbabilitiesName)
+            merged.description.functions.add(
+                name=name,
+                input=d.input,
+                output=d.output,
+                state=d.state,
+                predictedFeatureName=d.predictedFeatureName,
+                predictedProbabilitiesName=d.predictedProbabilitiesName,
+            )
         dst.seek(0)
         dst.write(struct.pack("<I", len(index)))
     merged.description.defaultFunctionName = default

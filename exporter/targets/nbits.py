@@ -63,16 +63,29 @@ def _register_schemas() -> None:
     arg, attr, kind = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType
     floats, codes = ("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], "")
     if not has("MatMulNBits", "com.microsoft"):
-        register_schema(OpSchema(
-            "MatMulNBits", "com.microsoft", 1, inputs=[arg("A", "T1"), arg("B", "T2"), arg("scales", "T1")],
-            outputs=[arg("Y", "T1")], type_constraints=[floats, codes],
-            attributes=[attr(n, kind.INT, "") for n in ("K", "N", "bits", "block_size", "accuracy_level")]))
+        register_schema(
+            OpSchema(
+                "MatMulNBits",
+                "com.microsoft",
+                1,
+                inputs=[arg("A", "T1"), arg("B", "T2"), arg("scales", "T1")],
+                outputs=[arg("Y", "T1")],
+                type_constraints=[floats, codes],
+                attributes=[attr(n, kind.INT, "") for n in ("K", "N", "bits", "block_size", "accuracy_level")],
+            )
+        )
     if not has("GatherBlockQuantized", "com.microsoft"):
-        register_schema(OpSchema(
-            "GatherBlockQuantized", "com.microsoft", 1,
-            inputs=[arg("data", "T2"), arg("indices", "Tind"), arg("scales", "T1")], outputs=[arg("output", "T1")],
-            type_constraints=[floats, codes, ("Tind", ["tensor(int64)", "tensor(int32)"], "")],
-            attributes=[attr(n, kind.INT, "") for n in ("gather_axis", "quantize_axis", "block_size", "bits")]))
+        register_schema(
+            OpSchema(
+                "GatherBlockQuantized",
+                "com.microsoft",
+                1,
+                inputs=[arg("data", "T2"), arg("indices", "Tind"), arg("scales", "T1")],
+                outputs=[arg("output", "T1")],
+                type_constraints=[floats, codes, ("Tind", ["tensor(int64)", "tensor(int32)"], "")],
+                attributes=[attr(n, kind.INT, "") for n in ("gather_axis", "quantize_axis", "block_size", "bits")],
+            )
+        )
 
 
 def translations() -> dict:
@@ -84,12 +97,12 @@ def translations() -> dict:
 
     def matmul(x, data, scales, bits: int, block: int):
         n, blocks = data.shape[0], data.shape[1]
-        return msft.MatMulNBits(x, data, scales, K=blocks * block, N=n, bits=bits, block_size=block,
-                                accuracy_level=4)
+        return msft.MatMulNBits(x, data, scales, K=blocks * block, N=n, bits=bits, block_size=block, accuracy_level=4)
 
     def gather(data, indices, scales, bits: int, block: int):
-        return msft.GatherBlockQuantized(data, indices, scales, gather_axis=0, quantize_axis=1, block_size=block,
-                                         bits=bits)
+        return msft.GatherBlockQuantized(
+            data, indices, scales, gather_axis=0, quantize_axis=1, block_size=block, bits=bits
+        )
 
     return {torch.ops.edgekv.matmul_nbits.default: matmul, torch.ops.edgekv.gather_nbits.default: gather}
 

@@ -44,8 +44,12 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
     # (exporter/targets/compat/onnx.py).
     with compat.hooks(), torch.no_grad():
         program = torch.onnx.export(
-            PureStep(model).eval(), args, dynamo=True, verbose=False,
-            input_names=["tokens", "input_pos", *cache_names(model)], output_names=["logits", "kv_update"],
+            PureStep(model).eval(),
+            args,
+            dynamo=True,
+            verbose=False,
+            input_names=["tokens", "input_pos", *cache_names(model)],
+            output_names=["logits", "kv_update"],
             dynamic_shapes={"tokens": {1: t}, "input_pos": None, "caches": [None] * len(caches)},
             custom_translation_table=translations(),
         )
@@ -61,10 +65,15 @@ def pure_io(model: StreamingLM) -> dict:
     """Manifest tensors of the pure graph (ONNX, OpenVINO): the cache goes in, the chunk's entries come out."""
     cache = list(model.kv_cache.shape)
     return {
-        "inputs": [io_entry("tokens", "tokens", "int64", [1, "T"]), io_entry("position", "input_pos", "int64", [1]),
-                   *(io_entry("cache", name, "float32", cache[2:]) for name in cache_names(model))],
-        "outputs": [io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size]),
-                    io_entry("cache_update", "kv_update", "float32", cache[:3] + ["T"] + cache[4:])],
+        "inputs": [
+            io_entry("tokens", "tokens", "int64", [1, "T"]),
+            io_entry("position", "input_pos", "int64", [1]),
+            *(io_entry("cache", name, "float32", cache[2:]) for name in cache_names(model)),
+        ],
+        "outputs": [
+            io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size]),
+            io_entry("cache_update", "kv_update", "float32", cache[:3] + ["T"] + cache[4:]),
+        ],
         "state": [],
     }
 
@@ -83,7 +92,10 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "compute_precision": "float32",
         "quantization": quant.manifest(
             "MatMulNBits (accuracy level 4) + GatherBlockQuantized, written as each weight was read"
-            if quant.bits else "none",
+            if quant.bits
+            else "none",
             quant.describe("stored as symmetric int4 + float16 offsets") if quant.bits else "float32",
-            "int8 per block in the products" if quant.bits else "float32", "float32"),
+            "int8 per block in the products" if quant.bits else "float32",
+            "float32",
+        ),
     }

@@ -20,9 +20,13 @@ from exporter.targets.onnx import pure_io, write_onnx
 
 
 def packed_manifest(quant: Quantization) -> dict:
-    return quant.manifest("MatMulNBits / GatherBlockQuantized (written as each weight was read), read by OpenVINO's "
-                          "ONNX frontend as compressed weights", quant.describe("stored as symmetric int4 + float16 "
-                          "offsets"), "float32 (the CPU plugin may compute int8 products)", "float32")
+    return quant.manifest(
+        "MatMulNBits / GatherBlockQuantized (written as each weight was read), read by OpenVINO's "
+        "ONNX frontend as compressed weights",
+        quant.describe("stored as symmetric int4 + float16 offsets"),
+        "float32 (the CPU plugin may compute int8 products)",
+        "float32",
+    )
 
 
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
@@ -46,6 +50,7 @@ def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
         "entries": {"decode": "model.xml (T=1)", "prefill": f"model.xml (T={spec.chunk})"},
         **pure_io(model),
         "compute_precision": "float32",
-        "quantization": packed_manifest(quant) if quant.bits else quant.manifest(
-            "none", "float32", "float32", "float32"),
+        "quantization": packed_manifest(quant)
+        if quant.bits
+        else quant.manifest("none", "float32", "float32", "float32"),
     }

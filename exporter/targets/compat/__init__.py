@@ -100,7 +100,8 @@ def check(hook: Hook) -> None:
     raise EdgekvError(
         f"edgekv's hook {hook.name} does not fit {hook.package} {installed(hook.package)} (written for "
         f"{hook.written_for}): its upstream code {what}; re-check the hook against the new source, see "
-        f"docs/upstream.md; {UNCHECKED}=1 applies it anyway")
+        f"docs/upstream.md; {UNCHECKED}=1 applies it anyway"
+    )
 
 
 def _apply(hook: Hook) -> Callable[[], None]:
@@ -115,6 +116,7 @@ def _apply(hook: Hook) -> Callable[[], None]:
                 owner.pop(name, None)
             else:
                 owner[name] = saved
+
         return undo
     saved = vars(owner).get(name, _MISSING)  # its own, not one it inherits
     setattr(owner, name, hook.replacement(getattr(owner, name)) if hook.wraps else hook.replacement)
@@ -124,6 +126,7 @@ def _apply(hook: Hook) -> Callable[[], None]:
             delattr(owner, name)
         else:
             setattr(owner, name, saved)
+
     return undo
 
 

@@ -27,33 +27,55 @@ def make_hooks(folder: Path) -> list[Hook]:
     return [
         # ExecuTorch decomposes each method twice when XNNPACK asks to keep ops whole with a per-node check; where
         # every node passes it, the check is left out and one retrace of each method is saved (9 % of an int4 export).
-        Hook(f"{XNNPACK}.partition.xnnpack_partitioner:XnnpackPartitioner.ops_to_not_decompose",
-             lambda asked: functools.partialmethod(_keeping_what_it_takes, asked), EXECUTORCH, "9713395f05ceec1b",
-             wraps=True),
+        Hook(
+            f"{XNNPACK}.partition.xnnpack_partitioner:XnnpackPartitioner.ops_to_not_decompose",
+            lambda asked: functools.partialmethod(_keeping_what_it_takes, asked),
+            EXECUTORCH,
+            "9713395f05ceec1b",
+            wraps=True,
+        ),
         # XNNPACK's 17 passes each retrace their partition through fake tensors, changed or not: a third of an
         # export's time. The pass notes its input's structure (__call__) and skips the retrace if it is unchanged.
         Hook(f"{XNNPACK}._passes.xnnpack_pass:XNNPACKPass.__call__", _recording_structure, TORCH, "41604fe6ded6acc4"),
         Hook(f"{XNNPACK}._passes.xnnpack_pass:XNNPACKPass.call", _retrace_if_changed, EXECUTORCH, "689e39bb23b9834c"),
         # XNNPACK's serialized weights were held as bytes until the .pte was written, once per method: they go to
         # files as they are made (ExecuTorch's FileBackedData), a blob both methods make written once.
-        Hook("executorch.exir._serialize._named_data_store:NamedDataStore.add_named_data",
-             lambda add: _spilling(add, folder), EXECUTORCH, "a38f90003925da0b", wraps=True),
+        Hook(
+            "executorch.exir._serialize._named_data_store:NamedDataStore.add_named_data",
+            lambda add: _spilling(add, folder),
+            EXECUTORCH,
+            "a38f90003925da0b",
+            wraps=True,
+        ),
         # ExecuTorch deep-copies each partition's program, weights and all, for every method at once: a copy of the
         # model per method. The copy shares the weights (XNNPACK's passes replace a constant, never change it).
-        Hook(f"{XNNPACK}.xnnpack_preprocess:XnnpackBackend.copy_exported_program_for_preprocess",
-             classmethod(_copy_sharing_weights), EXECUTORCH, "161d76674b18cbbd"),
+        Hook(
+            f"{XNNPACK}.xnnpack_preprocess:XnnpackBackend.copy_exported_program_for_preprocess",
+            classmethod(_copy_sharing_weights),
+            EXECUTORCH,
+            "161d76674b18cbbd",
+        ),
         # The partitioners held three N^2 / 2 tables of transitive users at once, two of them never read: the 7B
         # export's peak (12.79 GB; 11.24 with each table built on first use).
         Hook("torch.fx.passes.infra.partitioner:_DependencyViewer", _Dependencies, TORCH, "47bacdf03efdce20"),
         Hook(f"{PARTITIONERS}.group_partitioner:_DependencyViewer", _Dependencies, EXECUTORCH, "a6d3ee37edb6ec3a"),
         # The merge check tested each transitive user in a Python loop (8.7 % of SmolLM2's int4 export): a set's
         # isdisjoint, the same answers.
-        Hook(f"{PARTITIONERS}.group_partitioner:GroupBasedPartitioner._can_merge_partitions", _can_merge, EXECUTORCH,
-             "08428a6ba5abd129"),
+        Hook(
+            f"{PARTITIONERS}.group_partitioner:GroupBasedPartitioner._can_merge_partitions",
+            _can_merge,
+            EXECUTORCH,
+            "08428a6ba5abd129",
+        ),
         # A constant used inside and outside a partition (fp32's tied table) is deep-copied for each side, once per
         # method (2 GB of a 1B fp32 export): the duplicate shares the tensor's storage.
-        Hook(f"{PARTITIONERS}.duplicate_constant_node_pass:copy", _SharingTensors, EXECUTORCH, "ea25b56c9312497c",
-             relies_on=f"{PARTITIONERS}.duplicate_constant_node_pass:duplicate_constant_node"),
+        Hook(
+            f"{PARTITIONERS}.duplicate_constant_node_pass:copy",
+            _SharingTensors,
+            EXECUTORCH,
+            "ea25b56c9312497c",
+            relies_on=f"{PARTITIONERS}.duplicate_constant_node_pass:duplicate_constant_node",
+        ),
     ]
 
 
@@ -109,8 +131,13 @@ def _keeping_what_it_takes(self, asked, program: torch.export.ExportedProgram):
     decomposition. Where every node of those ops passes the check, the two keep the same nodes; the check is left
     out then."""
     ops, check = asked(self, program)
-    nodes = [n for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
-             for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+    nodes = [
+        n
+        for gm in program.graph_module.modules()
+        if isinstance(gm, torch.fx.GraphModule)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in ops
+    ]
     if check is not None and all(check(n) for n in nodes):
         return ops, None
     return ops, check
@@ -118,10 +145,14 @@ def _keeping_what_it_takes(self, asked, program: torch.export.ExportedProgram):
 
 def _structure(graph_module: torch.fx.GraphModule) -> list:
     """A graph's nodes in order: what they call, on what (nodes by name)."""
+
     def name(node):
         return node.name
-    return [(n.op, n.target, n.name, torch.fx.node.map_arg(n.args, name), torch.fx.node.map_arg(n.kwargs, name))
-            for n in graph_module.graph.nodes]
+
+    return [
+        (n.op, n.target, n.name, torch.fx.node.map_arg(n.args, name), torch.fx.node.map_arg(n.kwargs, name))
+        for n in graph_module.graph.nodes
+    ]
 
 
 def _recording_structure(self, graph_module: torch.fx.GraphModule):

@@ -14,8 +14,7 @@ from exporter.targets.compat import Hook, patched
 # on that class being as it was. torch.onnx.export's graphs outlive it, held from outside Python's gc (no path to them
 # from any module), and with them copies of the weights (the folded transposes, 1B fp32: 5 GB); OpenVINO's export
 # held the weights twice so (1B fp32 10.19 GB, 7B int4 13.58 GB).
-HOOKS = [Hook("onnx_ir:Tensor._raw", None, "onnx_ir 1.1.0", "75d4e3c50975ab63",
-             relies_on="onnx_ir:Tensor.__init__")]
+HOOKS = [Hook("onnx_ir:Tensor._raw", None, "onnx_ir 1.1.0", "75d4e3c50975ab63", relies_on="onnx_ir:Tensor.__init__")]
 
 
 def make_hooks() -> list[Hook]:
