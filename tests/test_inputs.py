@@ -177,10 +177,10 @@ def test_long_commands_speak_before_loading(tiny, tmp_path):
         (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}", f"; loading {tiny}"),
     ):
         proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *argv], stderr=subprocess.PIPE, text=True)
-        line = proc.stderr.readline()
-        rest = proc.communicate(timeout=300)[1]
-        assert proc.returncode == 0 and line.startswith(f"[{argv[0]} ") and line.rstrip().endswith(first), line + rest
-        assert then in rest.splitlines()[0], rest  # the next line says what loads
+        lines = [proc.stderr.readline(), *proc.communicate(timeout=300)[1].splitlines()]
+        assert proc.returncode == 0 and len(lines) > 1, lines
+        assert lines[0].startswith(f"[{argv[0]} ") and lines[0].rstrip().endswith(first), lines
+        assert then in lines[1], lines  # the next line says what loads
 
 
 def test_out_naming_a_file_is_refused_before_loading(tmp_path):
