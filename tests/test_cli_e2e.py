@@ -1,6 +1,7 @@
 """The user's path on the real SmolLM2, and bad input: one-line errors, nothing half-written."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -163,40 +164,44 @@ def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+
+
 @pytest.mark.parametrize(
-    "target,line", [("all", "] loading "), ("all", "traced decode and prefill"), ("openvino", "converted to ONNX")]
+    "target,line,sig",
+    [
+        ("all", "] loading ", INT),
+        ("all", "traced decode and prefill", INT),
+        ("openvino", "converted to ONNX", INT),
+        ("openvino", "converted to ONNX", TERM),  # timeout, a service manager, a CI runner
+        ("openvino", "converted to ONNX", HUP),  # a closed terminal
+    ],
 )
-def test_interrupted_export_leaves_the_tree_as_it_was(tiny_onnx, tmp_path, target, line):
-    """Ctrl-C while loading, in the middle of the first conversion, between two converters: every folder the
-    command created is gone (OUT was two levels that did not exist)."""
+def test_interrupted_export_leaves_the_tree_as_it_was(tiny_onnx, tmp_path, target, line, sig):
+    """Ctrl-C while loading, in the middle of the first conversion, between two converters, and SIGTERM or SIGHUP
+    there: exit 128 + n, and every folder the command created is gone (OUT was two levels that did not exist), its
+    temporary folder ($TMPDIR/edgekv-<pid>-*) too."""
     folder, _ = tiny_onnx
     (tmp_path / "kept").mkdir()
+    (tmp_path / "tmp").mkdir()
     before = tree(tmp_path)
+    argv = ["export", "--target", target, "--model", str(folder), "--out", str(tmp_path / "new" / "out")]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter.cli",
-            "export",
-            "--target",
-            target,
-            "--model",
-            str(folder),
-            "--out",
-            str(tmp_path / "new" / "out"),
-        ],
+        [sys.executable, "-m", "exporter.cli", *argv],
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
         # Ctrl-C as a terminal delivers it, even where the test itself runs with SIGINT ignored
         # (a shell's background job)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for got in proc.stderr:
         if line in got:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "edgekv: interrupted", err[-1500:]
+    said = "edgekv: interrupted" if sig == INT else f"edgekv: stopped by {signal.Signals(sig).name}"
+    assert proc.returncode == 128 + sig and err.strip().splitlines()[-1] == said, err[-1500:]
     assert tree(tmp_path) == before
 
 
