@@ -60,6 +60,16 @@ class ModelConfig:
         traceback (tests/test_inputs.py fuzzes it)."""
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json holds a {type(hf).__name__}, not an object of fields")
+        model_type = hf.get("model_type")
+        if model_type == "gemma3":
+            raise ConfigError(
+                "this is a multimodal Gemma 3 checkpoint; export its text model (model_type "
+                "gemma3_text, e.g. Gemma 3 270M or 1B)"
+            )
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; edgekv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         check_sizes(hf)
         try:
             cfg = cls._from_hf(hf)
@@ -67,7 +77,7 @@ class ModelConfig:
             for local in (False, True) if cfg.local_window else (False,):
                 if not (torch.isfinite(cfg.inv_freq(local)).all() and math.isfinite(cfg.rope_gain(local))):
                     raise ConfigError("config.json: its rotary parameters give non-finite frequencies")
-        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError, RuntimeError) as e:
             what = f"has no field {e}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
             raise ConfigError(f"config.json {what}; fix it or re-download the checkpoint") from None
         if cfg.num_heads % cfg.num_kv_heads:
@@ -79,16 +89,7 @@ class ModelConfig:
 
     @classmethod
     def _from_hf(cls, hf: dict) -> ModelConfig:
-        model_type = hf.get("model_type")
-        if model_type == "gemma3":
-            raise ConfigError(
-                "this is a multimodal Gemma 3 checkpoint; export its text model (model_type "
-                "gemma3_text, e.g. Gemma 3 270M or 1B)"
-            )
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; edgekv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        model_type = hf["model_type"]  # checked by from_hf
         gemma = model_type == "gemma3_text"
         act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in ACTIVATIONS:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=SCHEMES,
         default="none",
-        help="weight quantization, with each target's own tool (default none: fp32, Core ML fp16)",
+        help="weight quantization, each weight as it is read (default none: fp32, Core ML fp16)",
     )
     p.add_argument(
         "--group-size",
@@ -98,6 +99,8 @@ def main(args: argparse.Namespace) -> int:
         raise EdgekvError(f"--chunk must be >= 1, got {args.chunk}")
     check_output(args.out)
     for folder in folders.values():
+        if folder.exists() and not folder.is_dir():
+            raise EdgekvError(f"{folder} is a file, not an artifact folder; remove it or choose another --out")
         if folder.exists() and not args.force:
             raise EdgekvError(f"{folder} exists; pass --force to replace it or choose another --out")
     system = read_text(args.system_prompt, "--system-prompt").strip() if args.system_prompt else None
@@ -252,8 +255,10 @@ def export_one(
     if quant.bits and model.packed != quant:  # a float model (tests, the API): packed as the CLI packs at load
         model = pack_model(model, Packer(target, quant))
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, re.escape(f".{out.name}.tmp-") + r"(\d+)")  # left by an export that was killed
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    # Named by host and process: the next export removes what a killed one left, never another host's (NFS).
+    mine = f".{out.name}.tmp-{socket.gethostname()}-"
+    remove_stale(out.parent, re.escape(mine) + r"(\d+)")
+    tmp = out.parent / f"{mine}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -285,9 +290,11 @@ def export_one(
         if prefix:
             with captured():
                 write_prefix(tmp, prefix, log)
-        if out.exists():
-            shutil.rmtree(out)
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        if out.exists():  # --force: the old artifact stays whole until the new one is in place
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:  # a full disk, a folder made read-only meanwhile: the temporary folder goes, one line stays
         raise EdgekvError(f"writing {out} failed: {e.strerror or e}{disk_hint(out.parent)}") from e
     finally:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,7 +107,9 @@ def _safetensors_header(fh, path: Path) -> tuple[int, dict]:
     size = os.fstat(fh.fileno()).st_size
     try:
         (length,) = struct.unpack("<Q", fh.read(8))
-        if length > size - 8:  # e.g. a Git LFS pointer left by a clone without git-lfs
+        # Past the file: e.g. a Git LFS pointer left by a clone without git-lfs; past 100 MB: damaged (the
+        # safetensors library's own limit), not a header to read into memory.
+        if length > min(size - 8, 100_000_000):
             raise ValueError
         header = json.loads(fh.read(length))
         if not isinstance(header, dict):
@@ -200,14 +203,29 @@ def _load_hf_folder(folder: Path) -> Checkpoint:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise LoadError(f"{folder}: no config.json; expected a Hugging Face model folder")
-    files = sorted(folder.glob("*.safetensors"))
+    # Mistral's repos ship consolidated.safetensors (its own names) beside the HF shards: the index names the shards.
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = (
+            sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if index.is_file()
+            else sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("consolidated"))
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise LoadError(f"{index} is corrupt; re-download the checkpoint") from None
     if not files:
         hint = " (pickled .bin weights are refused; convert them to safetensors)" if any(folder.glob("*.bin")) else ""
         raise LoadError(f"{folder}: no *.safetensors weights{hint}")
     if not (folder / "tokenizer.json").is_file():
         raise LoadError(f"{folder}: no tokenizer.json")
-    config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-    return Checkpoint(str(folder), config, files, folder, "hf")
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{cfg_file} is not valid JSON ({e}); re-download the checkpoint") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LoadError(f"{folder}: {missing[0]}, named by its index, is missing; re-download the checkpoint")
+    return Checkpoint(str(folder), ModelConfig.from_hf(hf), files, folder, "hf")
 
 
 def _download(repo_id: str) -> Path:
@@ -277,8 +295,11 @@ def _load_gguf(path: Path) -> Checkpoint:
         names = {t.name: t for t in reader.tensors}
         heads = int(_field(reader, f"{arch}.attention.head_count"))
         hidden = int(_field(reader, f"{arch}.embedding_length"))
-        if any(n.startswith("rope_factors") for n in names):
-            raise ConfigError(f"{path}: GGUF longrope factors are not read; use the Hugging Face folder instead")
+        if any(n.startswith(("rope_factors", "rope_freqs")) for n in names):  # Phi-3 longrope, Llama 3.1+ scaling
+            raise ConfigError(
+                f"{path}: GGUF rotary factors (longrope, Llama 3.1+ scaling) are not read; "
+                "use the Hugging Face folder instead"
+            )
         head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
         extra = {}
         if arch == "gemma3":  # what the GGUF does not record takes transformers' defaults, as its loader does
@@ -365,8 +386,11 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
     except Exception as e:  # transformers' GGUF reader raises many types on a file it cannot read
         raise LoadError(f"{path}: could not read its tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
     tmp = cache.with_name(key + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    tmp.replace(cache) if not cache.exists() else None
+    try:
+        tok.save_pretrained(str(tmp))
+        tmp.replace(cache) if not cache.exists() else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # another run's copy may have landed first
     return cache
 
 

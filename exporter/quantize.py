@@ -46,9 +46,9 @@ class Quantization:
             return f"{text}, {how}" if how else text
         return f"{self.scheme} symmetric, groups of {self.group_size}"
 
-    def manifest(self, method: str, weights: str, activations: str, cache_dtype: str, grouped: bool = True) -> dict:
+    def manifest(self, method: str, weights: str, activations: str, cache_dtype: str) -> dict:
         """The manifest's `quantization` entry: what was quantized, how, and with which tool."""
-        group = self.group_size if self.bits and grouped else None
+        group = self.group_size if self.bits else None
         return {
             "scheme": self.scheme,
             "group_size": group,

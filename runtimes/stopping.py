@@ -34,7 +34,8 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 @contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Stopped once; a second one while cleaning up is ignored, so cleanup finishes."""
+    """SIGTERM and SIGHUP raise Stopped once; a second SIGTERM or SIGHUP while cleaning up is ignored, so cleanup
+    finishes."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -44,7 +45,8 @@ def stop_signals() -> Iterator[None]:
             signal.signal(s, signal.SIG_IGN)
         raise Stopped(signum)
 
-    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    # A signal already ignored stays ignored (`nohup edgekv export ...` must outlive its terminal).
+    previous = {s: signal.signal(s, stop) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -98,8 +99,21 @@ def test_config_that_disagrees_with_its_weights(tiny, tmp_path, edit, message):
     assert message in outcome(tmp_path / "hf")
 
 
+def test_a_config_that_is_not_json_or_another_model_and_a_stray_consolidated_file(tiny, tmp_path):
+    shutil.copytree(tiny, tmp_path / "hf")
+    cfg = (tiny / "config.json").read_text()
+    (tmp_path / "hf" / "config.json").write_text(cfg[: len(cfg) // 2])
+    assert "config.json is not valid JSON" in outcome(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}))
+    assert "multimodal Gemma 3 checkpoint" in outcome(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(cfg)
+    # Mistral's repos ship their own-format consolidated.safetensors beside the HF weights: not read.
+    shutil.copy(safetensors_file(tiny), tmp_path / "hf" / "consolidated.safetensors")
+    assert outcome(tmp_path / "hf") == "ok"
+
+
 def safetensors_file(tiny: Path) -> Path:
-    return next(tiny.glob("*.safetensors"))
+    return tiny / "model.safetensors"
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -165,7 +179,9 @@ def test_long_commands_speak_before_loading(tiny, tmp_path):
         (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}", f"; loading {tiny}"),
     ):
         proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *argv], stderr=subprocess.PIPE, text=True)
-        lines = [proc.stderr.readline(), *proc.communicate(timeout=300)[1].splitlines()]
+        first_line = proc.stderr.readline()  # the same reader for the rest: readline may have buffered more
+        lines = [first_line, *proc.stderr.read().splitlines()]
+        proc.wait(timeout=300)
         assert proc.returncode == 0 and len(lines) > 1, lines
         assert lines[0].startswith(f"[{argv[0]} ") and lines[0].rstrip().endswith(first), lines
         assert then in lines[1], lines  # the next line says what loads
@@ -220,7 +236,8 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tiny, tmp_path):
     tmp, out = tmp_path / "tmp", tmp_path / "out"
     tmp.mkdir()
     dead = dead_pid()
-    for folder in (tmp / f"edgekv-{dead}-abc123", out / f".onnx.tmp-{dead}", tmp / "edgekv-1-live"):
+    hidden = out / f".onnx.tmp-{socket.gethostname()}-{dead}"
+    for folder in (tmp / f"edgekv-{dead}-abc123", hidden, tmp / "edgekv-1-live"):
         folder.mkdir(parents=True)
         (folder / "x").write_text("half-written")
     r = edgekv("export", "--target", "onnx", "--model", str(tiny), *SMALL, "--out", str(out), env={"TMPDIR": str(tmp)})
