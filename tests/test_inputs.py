@@ -5,6 +5,7 @@ seconds, and nothing is left behind (SIGTERM and SIGHUP: tests/test_cli_e2e.py, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
@@ -169,22 +170,36 @@ def test_damaged_gguf_headers_are_refused_in_one_line(tmp_path_factory, data):
         pytest.fail("a cut-short GGUF file loaded")
 
 
-def test_long_commands_speak_before_loading(tiny, tmp_path):
+def test_long_commands_speak_first_and_what_a_killed_run_left_goes(tiny, tmp_path):
     """The first line of `export` and `validate` comes before torch and the model load (validate printed nothing
-    for minutes before); what it says names the work."""
-    out = tmp_path / "out"
+    for minutes before) and names the work. The export also removes a hidden export folder and a temporary folder
+    of a process that no longer runs; a live process's stay."""
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    dead = dead_pid()
+    hidden = out / f".onnx.tmp-{socket.gethostname()}-{dead}"
+    for folder in (tmp / f"edgekv-{dead}-abc123", hidden, tmp / "edgekv-1-live"):
+        folder.mkdir(parents=True)
+        (folder / "x").write_text("half-written")
     export = ["export", "--target", "onnx", "--model", str(tiny), *SMALL, "--out", str(out)]
     for argv, first, then in (
         (export, f"exporting {tiny} to {out / 'onnx'}", "] loading "),
         (["validate", str(out / "onnx"), "--no-cross-check"], f"checking {out / 'onnx'}", f"; loading {tiny}"),
     ):
-        proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", *argv], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter.cli", *argv],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )
         first_line = proc.stderr.readline()  # the same reader for the rest: readline may have buffered more
         lines = [first_line, *proc.stderr.read().splitlines()]
         proc.wait(timeout=300)
         assert proc.returncode == 0 and len(lines) > 1, lines
         assert lines[0].startswith(f"[{argv[0]} ") and lines[0].rstrip().endswith(first), lines
         assert then in lines[1], lines  # the next line says what loads
+    assert sorted(p.name for p in tmp.iterdir()) == ["edgekv-1-live"]  # pid 1 is alive: not ours to remove
+    assert sorted(p.name for p in out.iterdir()) == ["onnx"]
 
 
 def test_out_naming_a_file_is_refused_before_loading(tmp_path):
@@ -229,21 +244,6 @@ def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
-
-
-def test_what_a_killed_run_left_is_removed_by_the_next(tiny, tmp_path):
-    """A hidden export folder and a temporary folder of a process that no longer runs; a live process's stay."""
-    tmp, out = tmp_path / "tmp", tmp_path / "out"
-    tmp.mkdir()
-    dead = dead_pid()
-    hidden = out / f".onnx.tmp-{socket.gethostname()}-{dead}"
-    for folder in (tmp / f"edgekv-{dead}-abc123", hidden, tmp / "edgekv-1-live"):
-        folder.mkdir(parents=True)
-        (folder / "x").write_text("half-written")
-    r = edgekv("export", "--target", "onnx", "--model", str(tiny), *SMALL, "--out", str(out), env={"TMPDIR": str(tmp)})
-    assert r.returncode == 0, r.stderr[-1500:]
-    assert sorted(p.name for p in tmp.iterdir()) == ["edgekv-1-live"]  # pid 1 is alive: not ours to remove
-    assert sorted(p.name for p in out.iterdir()) == ["onnx"]
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path):
