@@ -184,7 +184,9 @@ class StreamingLM(nn.Module):
             self.geometry["local"] = (0, cfg.local_window)
         self.slots = max(s + w for s, w in self.geometry.values())
         self.last_logits_only = last_logits_only
-        self.write_in_place = True  # False: the whole-cache blend Core ML converts (see `blended`)
+        # How forward writes the cache: "slots" (index_put_ per layer, `write_slots`), or "coreml": one token's
+        # slot as a slice of the stacked cache (`write_slot`), longer chunks as a whole-cache blend (`blended`).
+        self.cache_write = "slots"
         self.packed = None  # the Quantization its weights were packed with at load (exporter/targets: Packer)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
@@ -324,6 +326,27 @@ class StreamingLM(nn.Module):
             # Gemma 3 270M), a rank ExecuTorch's in-place index_put refuses at run time.
             torch.ops.aten.index_put_(cache, [None, slots], entry if newest is None else entry.index_select(1, newest))
 
+    def write_slot(self, entries: Tensor, input_pos: Tensor) -> None:
+        """One token's stacked entries [2, L, KV, 1, D] into its slot of the stacked cache: one slice per run of
+        layers sharing a geometry (one for a uniform model), which coremltools converts to a slice_update of the
+        state, a write of that slot alone, where the blend rewrote the whole cache. (slice_scatter rather than
+        index_put_: coremltools reads an fp16 state as fp32, and only slice_scatter promotes the entries to it.)"""
+        n, start = self.cfg.num_layers, 0
+        cache = self.kv_cache
+        for end in range(1, n + 1):
+            if end < n and self.layer_geometry(end) == self.layer_geometry(start):
+                continue
+            slot = slot_index(input_pos.to(torch.int64), *self.layer_geometry(start))[0].item()
+            torch._check(slot >= 0)
+            torch._check(slot < self.slots)
+            if (start, end) == (0, n):  # not cache[:, 0:n], an alias coremltools does not take
+                cache = cache.slice_scatter(entries, dim=3, start=slot, end=slot + 1)
+            else:
+                run = cache[:, start:end].slice_scatter(entries[:, start:end], dim=3, start=slot, end=slot + 1)
+                cache = cache.slice_scatter(run, dim=1, start=start, end=end)
+            start = end
+        self.kv_cache.copy_(cache)
+
     def blended(self, cache: Tensor, entries: Tensor, input_pos: Tensor) -> Tensor:
         """The stacked cache with stacked entries [2, L, KV, T, D] in their slots, as a fixed-shape blend of
         the whole cache (keep or pick each slot: the form coremltools converts; it rejects index_copy)."""
@@ -350,8 +373,10 @@ class StreamingLM(nn.Module):
         """Stateful form: reads and writes the cache buffers (ExecuTorch, Core ML, eager)."""
         caches = self.caches()
         logits, entries = self.step(tokens, input_pos, caches)
-        if self.write_in_place:
+        if self.cache_write == "slots":
             self.write_slots(caches, entries, input_pos)
+        elif tokens.shape[1] == 1:
+            self.write_slot(self.stacked(entries), input_pos)
         else:
             self.kv_cache.copy_(self.blended(self.kv_cache, self.stacked(entries), input_pos))
         return logits

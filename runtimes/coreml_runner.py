@@ -91,11 +91,11 @@ class MILRunner(_CoreMLRunner):
         outputs = self.program.run(self.entries[tokens.shape[1]], self._inputs(tokens, pos), self.state)
         return outputs[self.names["logits"]][0]
 
-    def cache_state(self) -> np.ndarray:
-        return self.state[self.names["cache"]].copy()
+    def cache_state(self) -> np.ndarray:  # the executor holds fp16 values in float32 arrays
+        return self.state[self.names["cache"]].astype(np.float16)
 
     def set_cache_state(self, cache: np.ndarray) -> None:
-        self.state[self.names["cache"]][...] = cache
+        self.state[self.names["cache"]][...] = cache.astype(np.float16)
 
 
 def load(folder: Path, manifest: dict) -> Runner:

@@ -13,7 +13,11 @@ loaders, then runs each function op by op. What "computed as Core ML computes" m
 - Integer and bool tensors keep their declared type; every op's result is checked against the dtype
   and shape the program declares, so a wrong semantic shows up as an error, not a drift.
 - `read_state` returns the state's current value and `write_state` replaces it; the caller owns the
-  state (`make_state`), as `MLState` is owned by the caller in Core ML.
+  state (`make_state`, fp16 states held as float32 arrays of fp16 values like every fp16 tensor here),
+  as `MLState` is owned by the caller in Core ML.
+- `slice_update` writes into its input in place where nothing else reads that input afterwards (decided
+  once, at load: `_plan_in_place`), so a decode step's write of one cache slot costs that slot, not a
+  copy of the whole state, as on the device.
 
 An op the executor does not implement, or an input or attribute value it does not implement, fails
 loudly naming the op and the function it sits in. Nothing is skipped or approximated silently.
@@ -73,6 +77,8 @@ def _cast(x, dtype: str):
 def _concat(values, axis, interleave=False):
     if interleave:
         raise Unsupported("interleave=True")
+    if all(np.ndim(v) == 0 for v in values):  # MIL: scalars concatenate into a vector (a dynamic slice's begin)
+        return np.stack(values)
     return np.concatenate(values, axis=int(axis))
 
 
@@ -105,15 +111,33 @@ def _squeeze(x, axes=None):
 
 
 def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    return x[_index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)]
+
+
+def _slice_update(
+    x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None, in_place=False
+):
+    """x with the slice `slice_by_index` would read replaced by update, of exactly that slice's shape (a begin or
+    end past x shortens the slice and is refused: Core ML leaves it undefined). In place when the executor
+    planned it so (nothing reads x afterwards)."""
+    index = _index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    if x[index].shape != update.shape:
+        raise Unsupported(f"an update of shape {list(update.shape)} for a slice of shape {list(x[index].shape)}")
+    out = x if in_place else x.copy()
+    out[index] = update
+    return out
+
+
+def _index(ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask) -> tuple:
     index = []
-    for i in range(x.ndim):
+    for i in range(ndim):
         if squeeze_mask is not None and squeeze_mask[i]:
             index.append(int(begin[i]))
             continue
         b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
         e = None if end_mask is not None and end_mask[i] else int(end[i])
         index.append(slice(b, e, 1 if stride is None else int(stride[i])))
-    return x[tuple(index)]
+    return tuple(index)
 
 
 def _matmul(x, y, transpose_x=False, transpose_y=False):
@@ -214,6 +238,7 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
     "reshape": _reshape,
     "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
     "slice_by_index": _slice_by_index,
+    "slice_update": _slice_update,
     "split": _split,
     "squeeze": _squeeze,
     "gather": _gather,
@@ -239,6 +264,7 @@ MOVES = {
     "reshape",
     "transpose",
     "slice_by_index",
+    "slice_update",
     "split",
     "squeeze",
     "concat",
@@ -246,6 +272,10 @@ MOVES = {
     "expand_dims",
     "gather",
 }
+
+# Ops whose result may be a view of their first input (NumPy slicing and reshaping), so writing into one
+# writes into the other.
+VIEWS = {"read_state", "reshape", "transpose", "slice_by_index", "split", "squeeze", "expand_dims"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +289,7 @@ class _Op:
     args: dict[str, Any]  # input name -> ("ref", var) | ("val", value) | list of those
     outputs: list[tuple[str, np.dtype, tuple | None]]
     fn: Callable | None
+    in_place: bool = False  # slice_update: writes into its input; read_state: the state's array (`_plan_in_place`)
 
 
 @dataclass
@@ -355,6 +386,7 @@ class MILProgram:
             else:
                 ops.append(new)
         declared = {name: dtype for op in ops for name, dtype, _ in op.outputs}
+        _plan_in_place(ops, block.outputs)
         return Function(fname, inputs, states, ops, {name: declared[name] for name in block.outputs})
 
     def _fold(self, op: _Op, function: str) -> np.ndarray:
@@ -371,8 +403,10 @@ class MILProgram:
         return self._folded[key]
 
     def make_state(self, function: str) -> dict[str, np.ndarray]:
-        """Fresh state buffers for a function (Core ML leaves their content undefined; here zeros)."""
-        return {name: np.zeros(shape, dtype) for name, (dtype, shape) in self.functions[function].states.items()}
+        """Fresh state buffers for a function (Core ML leaves their content undefined; here zeros), in the
+        executor's representation: an fp16 state is a float32 array holding fp16 values."""
+        states = self.functions[function].states
+        return {name: _compute(np.zeros(shape, dtype)) for name, (dtype, shape) in states.items()}
 
     def run(self, function: str, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict:
         """Run one function; `state` arrays are read and replaced in place. Outputs in their declared dtype."""
@@ -386,22 +420,26 @@ class MILProgram:
                 )
             env[name] = _compute(value)
         for name, (dtype, shape) in f.states.items():
-            if state[name].dtype != dtype or state[name].shape != shape:
-                raise EdgekvError(f"state '{name}' of '{function}' must be {dtype}{list(shape)}")
+            held = np.float32 if dtype == FP16 else dtype
+            if state[name].dtype != held or state[name].shape != shape:
+                raise EdgekvError(f"state '{name}' of '{function}' must be {np.dtype(held)}{list(shape)} (make_state)")
 
         def resolve(a):
             return [resolve(x) for x in a] if isinstance(a, list) else (env[a[1]] if a[0] == "ref" else a[1])
 
         for op in f.ops:
-            if op.type == "read_state":
-                result = _compute(state[op.args["input"][1]])
+            if op.type == "read_state":  # the array itself where nothing could see it change (`_plan_in_place`)
+                result = state[op.args["input"][1]] if op.in_place else state[op.args["input"][1]].copy()
             elif op.type == "write_state":
-                name = op.args["input"][1]
-                state[name][...] = resolve(op.args["data"]).astype(state[name].dtype)
+                name, data = op.args["input"][1], resolve(op.args["data"])
+                if data is not state[name]:  # written in place already
+                    state[name][...] = data
                 continue
             else:
                 try:
-                    result = op.fn(**{k: resolve(v) for k, v in op.args.items()})
+                    result = op.fn(
+                        **{k: resolve(v) for k, v in op.args.items()}, **({"in_place": True} if op.in_place else {})
+                    )
                 except Unsupported as e:
                     raise EdgekvError(
                         f"op '{op.type}' ({op.name}) in function '{function}': {e} is not "
@@ -416,6 +454,53 @@ class MILProgram:
             for (name, dtype, shape), value in zip(op.outputs, results, strict=True):
                 env[name] = _conform(np.asarray(value), dtype, shape, op, function)
         return {name: env[name].astype(dtype) for name, dtype in f.outputs.items()}
+
+
+def _plan_in_place(ops: list[_Op], outputs) -> None:
+    """Mark each slice_update that may write into its input, and each read_state that may return the caller's
+    array itself rather than a copy. Memory is tracked by root: a view (VIEWS) shares its input's root, an op's
+    result is a root of its own, inputs and constants have none and are never written. A slice_update writes in
+    place when no value sharing its input's root is read after it; a read_state shares the state's array when
+    the state is read once and written back, and no value sharing it is read after that write (which writes
+    into the array) or written in place after it."""
+
+    def refs(a):
+        return [r for x in a for r in refs(x)] if isinstance(a, list) else ([a[1]] if a[0] == "ref" else [])
+
+    last = {}  # value -> index of the last op reading it (the function's outputs: read after every op)
+    for i, op in enumerate(ops):
+        for v in refs(list(op.args.values())):
+            last[v] = i
+    for name in outputs:
+        last[name] = len(ops)
+    reads = [op.args["input"][1] for op in ops if op.type == "read_state"]
+    written = {op.args["input"][1]: i for i, op in enumerate(ops) if op.type == "write_state"}
+    copied = {name for name in reads if reads.count(name) > 1 or name not in written}
+    while True:
+        known = set(copied)
+        root: dict[str, tuple] = {}
+        for i, op in enumerate(ops):
+            here, op.in_place = ("op", i), False
+            if op.type == "read_state":
+                name = op.args["input"][1]
+                op.in_place = name not in copied
+                here = ("state", name) if op.in_place else here
+            elif op.type in VIEWS or op.type == "slice_update":
+                x = op.args.get("x") or op.args.get("input") or ("val", None)
+                shared = root.get(x[1]) if x[0] == "ref" else None
+                if op.type in VIEWS:
+                    here = shared
+                elif shared is not None and all(last.get(v, -1) <= i for v, r in root.items() if r == shared):
+                    op.in_place, here = True, shared
+                    if shared[0] == "state" and i > written[shared[1]]:
+                        copied.add(shared[1])
+            for name, _, _ in op.outputs:
+                if here is not None:
+                    root[name] = here
+        stale = {r[1] for v, r in root.items() if r[0] == "state" and last.get(v, -1) > written[r[1]]}
+        copied |= stale
+        if copied == known:
+            return  # else a state was found to need its copy: plan again
 
 
 def _conform(value: np.ndarray, dtype: np.dtype, shape: tuple | None, op: _Op, function: str) -> np.ndarray:

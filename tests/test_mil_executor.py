@@ -202,6 +202,59 @@ def test_slice_by_index_with_masks_and_strides(tmp_path):
     np.testing.assert_array_equal(run(tmp_path, [(x.shape, F32)], squeeze, x), t(x)[2, 1:5, :].numpy())
 
 
+def test_slice_update_at_a_dynamic_begin(tmp_path):
+    """slice_update with its begin an input (a cache slot): a copy of x with that slice replaced, x untouched."""
+    x, u = rand((2, 3, 8, 4), F16), rand((2, 3, 1, 4), F16)
+
+    def body(a, b, pos):
+        begin = mb.concat(values=[np.zeros(2, np.int32), pos, np.zeros(1, np.int32)], axis=0)
+        slot = mb.squeeze(x=pos)  # end from scalars, as coremltools writes it: a concat of rank-0 values
+        end = mb.concat(values=[np.int32(2), np.int32(3), mb.add(x=slot, y=1), np.int32(4)], axis=0)
+        return mb.slice_update(x=a, update=b, begin=begin, end=end)
+
+    program = build(tmp_path, [(x.shape, F16), (u.shape, F16), ((1,), I32)], body)
+    ((op,),) = [[o for o in program.functions["main"].ops if o.type == "slice_update"]]
+    assert not op.in_place  # its x is the function's input: never written
+    for slot in (0, 5, 7):
+        want = t(x).clone()
+        want[:, :, slot : slot + 1] = t(u)
+        out = program.run("main", {"a": x, "b": u, "pos": np.array([slot], np.int32)}, {})
+        np.testing.assert_array_equal(next(iter(out.values())), want.numpy())
+    with pytest.raises(EdgekvError, match=r"slice_update.*an update of shape \[2, 3, 1, 4\] for a slice of shape "):
+        program.run("main", {"a": x, "b": u, "pos": np.array([8], np.int32)}, {})
+
+
+def test_slice_update_of_the_state_is_in_place_only_when_nothing_reads_it_later(tmp_path):
+    """A decode step's cache write: read_state -> slice_update -> write_state writes the state's array in place;
+    when an earlier view of the state is read after the update, the update copies, and both give the same values."""
+    u, initial = rand((1, 4), F16), rand((3, 4), F16)
+
+    def program_reading(read_after):
+        def body(b, s):
+            cache = mb.read_state(input=s)
+            row = mb.slice_by_index(x=cache, begin=[0, 0], end=[1, 4])  # a view of the state, read before or after
+            early = mb.mul(x=row, y=np.float16(3)) if not read_after else None
+            new = mb.slice_update(x=cache, update=b, begin=[0, 0], end=[1, 4])
+            mb.coreml_update_state(state=s, value=new)
+            return mb.mul(x=row, y=np.float16(3)) if read_after else early
+
+        return build(tmp_path, [(u.shape, F16)], body, states=[((3, 4), F16)])
+
+    results = []
+    for read_after in (False, True):
+        program = program_reading(read_after)
+        ops = [o for o in program.functions["main"].ops if o.type == "slice_update"]
+        assert [o.in_place for o in ops] == [not read_after]
+        state = program.make_state("main")
+        state["s"][...] = initial
+        before = state["s"].copy()
+        out = next(iter(program.run("main", {"b": u}, state).values()))
+        np.testing.assert_array_equal(out, (t(before[:1]).half() * 3).numpy())  # the row as it was
+        np.testing.assert_array_equal(state["s"], np.concatenate([u.astype(np.float32), before[1:]]))
+        results.append(out)
+    np.testing.assert_array_equal(*results)
+
+
 def test_gather_rows_and_columns(tmp_path):
     x, rows = rand((10, 6), F16), np.array([[3, 0], [9, -1]], np.int32)  # negative counts from the end
     got = run(tmp_path, [(x.shape, F16), (rows.shape, I32)], lambda a, i: mb.gather(x=a, indices=i, axis=0), x, rows)
@@ -283,7 +336,7 @@ def test_state_is_read_and_written_across_calls(tmp_path):
 
     program = build(tmp_path, [((2, 3), F16)], body, states=[((2, 3), F16)])
     state = program.make_state("main")
-    assert list(state) == ["s"] and state["s"].dtype == np.float16
+    assert list(state) == ["s"] and state["s"].dtype == np.float32  # fp16 values, held as every fp16 tensor
     x = rand((2, 3), F16)
     total = torch.zeros(2, 3, dtype=torch.float16)
     for _ in range(3):

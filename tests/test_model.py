@@ -94,12 +94,13 @@ def test_smollm2_matches_transformers(smollm2, smollm2_text_ids):
 # (2, 12): Gemma's global ring (14 slots) wider than its 7-slot local one; (0, 5): narrower.
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3-partial", "smollm3", "gemma3"])
 @pytest.mark.parametrize("sink,window", [(4, 7), (0, 5), (1, 6), (2, 12)])
-@pytest.mark.parametrize("write", ["slots", "blend", "per-layer"])
+@pytest.mark.parametrize("write", ["slots", "coreml", "per-layer"])
 def test_matches_reference_over_several_wraps(kind, sink, window, write, tmp_path):
-    """Every cache write: slots in place (eager), the whole-cache blend (Core ML), per-layer buffers (ExecuTorch)."""
+    """Every cache write: slots in place (eager), Core ML's (a token's slot as a slice, chunks as a whole-cache
+    blend), per-layer buffers (ExecuTorch)."""
     ckpt = load_checkpoint(make_tiny(kind, tmp_path))
     model = build_model(ckpt, sink, window, max_chunk=16)
-    model.write_in_place = write != "blend"
+    model.cache_write = "coreml" if write == "coreml" else "slots"
     if write == "per-layer":
         model = model.per_layer_cache()
         assert "kv_cache" not in dict(model.named_buffers()) and len(model.caches()) == 2 * ckpt.config.num_layers

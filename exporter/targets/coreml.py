@@ -142,10 +142,10 @@ def _pipeline(ct):
 def export(model: StreamingLM, out_dir: Path, spec: ExportSpec) -> dict:
     ct = require("coremltools", "coremltools==9.0")
     _fp16_warnings(model, spec.log)
-    # The cache write as a whole-cache blend, the form coremltools converts (it rejects index_copy); a shallow
-    # copy, so the caller's model keeps its in-place write.
+    # Decode writes its one slot as a slice_update of the state; prefill, whose chunk may wrap the ring, blends
+    # the whole cache (coremltools rejects index_copy). A shallow copy: the caller's model keeps its own write.
     model = copy.copy(model)
-    model.write_in_place = False
+    model.cache_write = "coreml"
     shape = tuple(model.kv_cache.shape)
     # coremltools in less memory: exporter/targets/compat/coreml.py (packed: the codes' pages dropped as read).
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp, compat.hooks(bool(model.packed), _drop_pages):
