@@ -20,12 +20,16 @@ from exporter.model import StreamingLM
 from runtimes import Runner
 
 
-def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, gain: float = 1.0) -> Tensor:
-    """x [..., N, D] rotated by integer positions pos [N] (angles in float64); the first 2 * len(inv_freq) dims
-    rotate, any others pass (partial rotary)."""
-    angles = pos.double()[:, None] * inv_freq[None, :]
-    cos, sin = (angles.cos() * gain).to(x.dtype), (angles.sin() * gain).to(x.dtype)
-    r = 2 * inv_freq.shape[0]
+def _tables(n: int, inv_freq: Tensor, gain: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [n, R/2] of integer positions 0..n-1 (angles in float64)."""
+    angles = torch.arange(n).double()[:, None] * inv_freq[None, :]
+    return (angles.cos() * gain).to(dtype), (angles.sin() * gain).to(dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [..., N, D] rotated by the tables' rows [N, R/2]; the first R dims rotate, any others pass (partial
+    rotary)."""
+    r = 2 * cos.shape[-1]
     x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], dim=-1)
 
@@ -85,20 +89,21 @@ class Reference:
         if cfg.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         outs = []
+        cos_all, sin_all = _tables(sink + window, inv_freq, gain, x.dtype)  # rows for every cache position
         for j in range(n):
             store["pos"].append(start + j)
             store["k"] = torch.cat([store["k"], k[j, :, None]], dim=1)
             store["v"] = torch.cat([store["v"], v[j, :, None]], dim=1)
             self._evict(store, sink, window)
-            cache_pos = torch.arange(len(store["pos"]))  # the rule: positions inside the cache, in age order
+            held = len(store["pos"])
             keys, values, qj = store["k"], store["v"], q[j]  # [KV, held, D], [H, D]
-            if attn.rope:
-                keys = _rotate(keys, cache_pos, inv_freq, gain)
-                qj = _rotate(qj[:, None, :], cache_pos[-1:], inv_freq, gain)[:, 0, :]
-            group = h // kv  # query head i reads kv head i // group
-            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
-            scores = torch.einsum("hd,hnd->hn", qj, keys) * attn.scale
-            outs.append(torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).reshape(h * d))
+            if attn.rope:  # the rule: positions inside the cache, 0..held-1 in age order
+                cos, sin = cos_all[:held], sin_all[:held]
+                keys = _rotate(keys, cos, sin)
+                qj = _rotate(qj[:, None, :], cos[-1:], sin[-1:])[:, 0, :]
+            qj = qj.view(kv, h // kv, d)  # query head i reads kv head i // (H / KV)
+            scores = torch.einsum("kgd,knd->kgn", qj, keys) * attn.scale
+            outs.append(torch.einsum("kgn,knd->kgd", torch.softmax(scores, dim=-1), values).reshape(h * d))
         out = attn.o_proj(torch.stack(outs))
         if layer.sandwich:
             x = x + layer.post_attention_layernorm(out)

@@ -15,7 +15,7 @@ import numpy as np
 from runtimes.cli_ppl import DEFAULT_TEXT, read_text, read_tokens
 from runtimes.errors import EdgekvError
 from runtimes.manifest import load_tokenizer, read_manifest
-from runtimes.progress import Bar, Progress, captured
+from runtimes.progress import Bar, Progress, captured, duration
 
 FP32_REL_TOL = 1e-3  # max |Δlogit| <= 1e-3 x the reference's largest |logit|
 FP32_TOP1 = 0.995
@@ -139,6 +139,14 @@ def measure(args: argparse.Namespace) -> dict:
         f"{target} artifact, S={sink} W={window}: {n} tokens through it, the eager reference and a cross-check; "
         f"loading {args.model or manifest['source']['model']}"
     )
+    calls = schedule(n, sink + window, chunk)
+    if target == "coreml":
+        seconds = executor_seconds(args.artifact, manifest, calls)
+        log(
+            f"the NumPy MIL executor runs the package: {sum(k > 1 for _, k in calls)} prefill and "
+            f"{sum(k == 1 for _, k in calls)} decode calls, about {duration(seconds)} on a 2-core machine "
+            "(then the cross-check and the reference, each shorter)"
+        )
 
     from exporter.config import physical_memory
     from exporter.loaders import build_model, load_checkpoint
@@ -171,7 +179,6 @@ def measure(args: argparse.Namespace) -> dict:
     ids = read_tokens(load_tokenizer(ckpt.tokenizer_dir), text, n, args.text)
     if len(ids) < n:
         raise EdgekvError(f"{args.text} has only {len(ids)} tokens; need {n} (pass a longer --text)")
-    calls = schedule(n, sink + window, chunk)
     ends = np.array([s + k - 1 for s, k in calls])
     unquantized = "fp16" if manifest.get("compute_precision") == "float16" else "fp32"
     own, suffix = (unquantized, "") if scheme == "none" else (scheme, f"-{scheme}")
@@ -322,6 +329,26 @@ def float_bytes(cfg) -> int:
     with torch.device("meta"):
         model = StreamingLM(cfg, 1, 1, 1)
     return 4 * sum(p.numel() for p in model.parameters())
+
+
+# The NumPy MIL executor's cost, measured on a 2-core machine with SmolLM2-135M fp16 at 4 + 1,020 slots
+# (docs/benchmarks.md): a decode step reads every weight (held as float32 after loading) and the whole cache,
+# 63.5 ms for 258 MB of fp16 weights and a 24 MB cache; a prefill step's attention grows with the chunk times the
+# cache, 2.8 s for 64 tokens. Loading dequantizes the weights once (11 s).
+DECODE_S_PER_MB = 0.0635 / 282
+PREFILL_S_PER_TOKEN_MB = 2.8 / (64 * 24)
+LOAD_S_PER_MB = 11 / 258
+
+
+def executor_seconds(folder: Path, manifest: dict, calls: list[tuple[int, int]]) -> float:
+    """What the NumPy MIL executor will take for these calls, from the package's size alone (no loading)."""
+    weights = sum(f.stat().st_size for f in (folder / manifest["files"]["model"]).rglob("*.bin")) / 1e6
+    # dequantized at load: a step reads fp16-sized weights (as float32) whatever the package stores
+    weights *= 16 / {"int8": 8, "int4": 4}.get(manifest.get("quantization", {}).get("scheme"), 16)
+    cache = sum(np.prod(s["shape"]) * 2 for s in manifest["state"]) / 1e6
+    decode = sum(k == 1 for _, k in calls) * DECODE_S_PER_MB * (weights + cache)
+    prefill = sum(k > 1 for _, k in calls) * PREFILL_S_PER_TOKEN_MB * manifest["chunk"] * cache
+    return LOAD_S_PER_MB * weights + decode + prefill
 
 
 def mil_runner(folder: Path):

@@ -135,6 +135,7 @@ class Bar:
             )
 
     def __enter__(self) -> Bar:
+        Progress.latest = None  # a bar shows its own progress: no "still working" for a stage it follows
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from exporter.loaders import build_model
 from exporter.reference import ReferenceRunner
-from exporter.validate import FP16_REL_TOL, FP16_TOP1
+from exporter.validate import FP16_REL_TOL, FP16_TOP1, schedule
 from runtimes import open_artifact
 from runtimes.generate import generate
 from runtimes.manifest import load_tokenizer
@@ -40,6 +40,9 @@ def test_smollm2_coreml_validates_through_the_mil_executor(smol_artifacts):
     assert fp16["max_abs_diff"] > 1e-3 * result["logit_scale"]  # fp16 was really computed as fp16
     assert abs(result["perplexity"]["coreml-numpy"] / result["perplexity"]["reference"] - 1) < 0.01
     assert "Core ML prediction needs macOS" in result["not_run"][0]
+    calls = schedule(result["tokens"], 64, 16)  # the plan, said before anything loads
+    prefill, decode = sum(k > 1 for _, k in calls), sum(k == 1 for _, k in calls)
+    assert f"the NumPy MIL executor runs the package: {prefill} prefill and {decode} decode calls, about" in r.stderr
 
 
 def test_greedy_generation_identical_across_runtimes(smol_artifacts, smollm2, smollm2_text_ids):
