@@ -76,7 +76,13 @@ def check_quantization(quant: Quantization, cfg: ModelConfig) -> None:
     bad = [f"{name} {n}" for name, n in widths.items() if n % quant.group_size]
     if bad:
         ok = [g for g in GROUP_SIZES if all(n % g == 0 for n in widths.values())]
-        fix = f"pass --group-size {ok[0]}" if ok else "this model's widths fit no supported group size; use int8"
+        # Both schemes quantize in groups, so a width no group size divides rules out int8 as much as int4.
+        fix = (
+            f"pass --group-size {ok[0]}"
+            if ok
+            else f"no supported group size ({', '.join(map(str, GROUP_SIZES))}) divides them; "
+            "export with --quantize none"
+        )
         raise EdgekvError(f"--group-size {quant.group_size} does not divide {', '.join(bad)}; {fix}")
 
 

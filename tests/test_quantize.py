@@ -313,6 +313,9 @@ def test_group_size_that_does_not_split_the_rows_fails_before_any_work(tmp_path)
     )
     one_line_error(r, "--group-size 32 does not divide hidden_size 48")
     assert not (tmp_path / "out").exists()
+    # int8 groups too: the advice for a width no group size divides is the unquantized export, not int8.
+    r = edgekv("export", "--target", "onnx", "--model", str(folder), "--quantize", "int8", "--out", str(tmp_path / "o"))
+    one_line_error(r, "no supported group size (32, 64, 128, 256) divides them; export with --quantize none")
     one_line_error(
         edgekv("export", "--target", "onnx", "--quantize", "int4", "--group-size", "16"),
         "argument --group-size: invalid choice: 16",
