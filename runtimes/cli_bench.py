@@ -21,6 +21,7 @@ import numpy as np
 from runtimes.errors import EdgekvError, require
 from runtimes.manifest import read_manifest
 from runtimes.progress import Bar
+from runtimes.traffic import step_bytes
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -148,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for folder, positions in plans:
         print(f"bench {folder}: decode timed at {positions}", file=sys.stderr)
-        results.append(in_fresh_process(bench_artifact, str(folder), positions, args.steps))
+        traffic = step_bytes(folder, read_manifest(folder))  # here, not in the timed process: it reads the file
+        results.append({**in_fresh_process(bench_artifact, str(folder), positions, args.steps), "step_bytes": traffic})
     if args.plot:
         plot(results, args.plot)
     if args.json:
@@ -157,6 +159,16 @@ def main(args: argparse.Namespace) -> int:
         for r in results:
             print(report(r))
     return 0
+
+
+def traffic_line(b: dict, ms: float) -> str:
+    """What one decode step moves, and the memory bandwidth that would take at `ms` per step."""
+    mb = {k: v / 1e6 for k, v in b.items()}
+    return (
+        f"one decode step moves {mb['total']:.1f} MB (weights {mb['weights']:.1f}, cache {mb['cache_read']:.1f} read "
+        f"+ {mb['cache_write']:.2f} written, logits {mb['logits']:.2f}): {b['total'] / ms / 1e6:.1f} GB/s at "
+        f"{ms:.2f} ms"
+    )
 
 
 def report(r: dict) -> str:
@@ -172,6 +184,8 @@ def report(r: dict) -> str:
         "  peak RSS MB  " + "".join(f"{v:>12.0f}" for v in r["rss_mb"]),
         f"  last/first: ms/token x{r['flat_ms_ratio']:.3f}, peak RSS {100 * r['rss_growth']:+.2f} %",
     ]
+    if "step_bytes" in r:
+        rows.append("  " + traffic_line(r["step_bytes"], min(r["ms_per_token"])))
     return "\n".join(rows)
 
 

@@ -18,6 +18,7 @@ from exporter.validate import FP16_REL_TOL, run_stream, schedule
 from runtimes import open_artifact
 from runtimes.coreml_runner import MILRunner
 from runtimes.manifest import SCHEMA, load_tokenizer, read_manifest
+from runtimes.traffic import step_bytes
 from tests.conftest import make_tiny
 
 SINK, WINDOW, CHUNK = 3, 11, 5
@@ -70,6 +71,25 @@ def test_coreml_package_matches_reference_in_fp16(exported):
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert 1e-5 < rel <= FP16_REL_TOL  # fp16 really differs from fp32, and stays within the stated bound
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_a_decode_step_reads_every_weight_once_and_one_embedding_row(exported):
+    """`step_bytes` from each graph: the checkpoint's parameters less the embedding's other rows, in the target's
+    weight dtype, give or take the graph's own small constants (shapes, rotary rows, the zero bias Core ML gives
+    every linear: under 4 KB here); the whole cache read, one slot written."""
+    from safetensors.numpy import load_file
+
+    folders = exported[0]
+    tensors = load_file(str(folders["onnx"].parent / "hf" / "model.safetensors"))
+    embedding = tensors["model.embed_tokens.weight"]
+    params = sum(t.size for t in tensors.values()) - embedding.size + embedding.shape[1]
+    for target, width in (("onnx", 4), ("openvino", 4), ("executorch", 4), ("coreml", 2)):
+        m = read_manifest(folders[target])
+        b = step_bytes(folders[target], m)
+        # ExecuTorch stores equal constants once (these models' norm weights are all ones): up to 5 x 48 x 4 less.
+        assert -1024 < b["weights"] - width * params < 4096, (target, b["weights"], width * params)
+        values = sum(np.prod(t["shape"]) for t in m["inputs"] + m.get("state", []) if t["role"] == "cache")
+        assert b["cache_read"] == width * values == b["cache_write"] * (SINK + WINDOW), target
 
 
 def test_coreml_export_reads_weights_in_fp16_and_computes_the_same(exported):
