@@ -22,6 +22,7 @@ GATHERS = {
     "Gather",
     "GatherND",
     "GatherElements",
+    "GatherBlockQuantized",
     "gather",
     "gather_nd",
     "gather_along_axis",
