@@ -21,7 +21,7 @@ import numpy as np
 from runtimes.errors import EdgekvError, require
 from runtimes.manifest import read_manifest
 from runtimes.progress import Bar
-from runtimes.traffic import step_bytes
+from runtimes.traffic import step_bytes_if_readable
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -149,7 +149,9 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for folder, positions in plans:
         print(f"bench {folder}: decode timed at {positions}", file=sys.stderr)
-        traffic = step_bytes(folder, read_manifest(folder))  # here, not in the timed process: it reads the file
+        # Its own process: reading the graph needs the format's library (onnx, coremltools), which a run-only
+        # command keeps out of its process, and the file read stays out of the timed one.
+        traffic = in_fresh_process(step_bytes_if_readable, str(folder))
         results.append({**in_fresh_process(bench_artifact, str(folder), positions, args.steps), "step_bytes": traffic})
     if args.plot:
         plot(results, args.plot)
@@ -184,7 +186,7 @@ def report(r: dict) -> str:
         "  peak RSS MB  " + "".join(f"{v:>12.0f}" for v in r["rss_mb"]),
         f"  last/first: ms/token x{r['flat_ms_ratio']:.3f}, peak RSS {100 * r['rss_growth']:+.2f} %",
     ]
-    if "step_bytes" in r:
+    if r.get("step_bytes"):
         rows.append("  " + traffic_line(r["step_bytes"], min(r["ms_per_token"])))
     return "\n".join(rows)
 

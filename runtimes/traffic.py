@@ -179,3 +179,14 @@ def step_bytes(folder: Path, manifest: dict) -> dict:
         "logits": logits,
         "total": weights + cache + slot + logits,
     }
+
+
+def step_bytes_if_readable(folder: str) -> dict | None:
+    """`step_bytes`, or None where the library that reads this format's graph is not installed (a run-only install
+    of onnxruntime has no `onnx`): bench then leaves the line out rather than fail after its timing."""
+    from runtimes.manifest import read_manifest
+
+    try:
+        return step_bytes(Path(folder), read_manifest(Path(folder), verify=False))
+    except ImportError:
+        return None

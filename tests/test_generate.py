@@ -9,7 +9,8 @@ from exporter.export import export_one, manifest_base
 from exporter.loaders import build_model, load_checkpoint
 from exporter.reference import ReferenceRunner
 from runtimes.generate import TextStream, generate
-from runtimes.manifest import load_tokenizer
+from runtimes.manifest import load_tokenizer, read_manifest
+from runtimes.traffic import step_bytes
 from tests.conftest import RUNNABLE, edgekv, make_tiny, one_line_error
 
 SINK, WINDOW, CHUNK = 2, 6, 4
@@ -104,6 +105,8 @@ def test_bench_json_and_plot(tiny, tmp_path):
         for key in ("ms_per_token", "rss_mb"):
             assert len(x[key]) == 3 and min(x[key]) > 0
         assert x["prefill_tok_s"] > 0 and x["size_mb"] > 0 and x["artifact"] == str(folders[x["target"]])
+        folder = folders[x["target"]]
+        assert x["step_bytes"] == step_bytes(folder, read_manifest(folder))  # read in its own process
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
