@@ -1,6 +1,7 @@
 """Head-to-head with ExecuTorch's own attention sink: the same weights, sink and window, the same text.
 
     python benchmarks/executorch_sink.py [--model M] [--sink 4] [--window 1020] [--tokens 2000] [--json FILE]
+                                         [--against DIR --pte FILE]
 
 ExecuTorch 1.5.1's wheel carries its Llama example's attention sink
 (`executorch/examples/models/llama/source_transformation/attention_sink.py`, `export_llama --use_attention_sink`).
@@ -15,6 +16,12 @@ the checkpoint's weights (Hugging Face rotary layout, `use_hf_rope`) and scores 
 reference, both eager fp32, chunk by chunk: perplexity over the first `--tokens` and over the same number after
 `--after` tokens of stream (many wraps). Llama-architecture checkpoints only (SmolLM2, Llama): the example's
 Transformer has no qk-norm, sandwich norms or hybrid layers.
+
+`--against DIR --pte FILE` adds speed and size: it exports that model to FILE as `export_llama --use_attention_sink
+--use_sdpa_with_kv_cache -X --xnnpack-extended-ops` does (fp32: XNNPACK linears, the fused `llama::custom_sdpa` with
+the sink's mask, `llama::update_cache_with_indices`), then times one-token decode calls through `executorch.runtime`
+after `--after` tokens of stream, and the same through DIR, edgekv's ExecuTorch export of the same checkpoint and
+cache (fp32: `edgekv export --target executorch`).
 """
 
 from __future__ import annotations
@@ -106,6 +113,101 @@ def executorch_step(model):
     return step
 
 
+def export_pte(model: torch.nn.Module, path: Path, chunk: int) -> None:
+    """The wheel's attention-sink Llama to an XNNPACK .pte, as `export_llama` lowers it (`export_llama_lib.py`:
+    the custom SDPA and KV cache in that order, `cache_positions` initialised in the program so that its empty
+    slots read -1; `extension/llm/export/builder.py`: strict export under the MATH SDPA kernel, the redundant
+    transposes removed, the linears converted). Changes `model` in place."""
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.examples.models.llama.source_transformation.custom_kv_cache import (
+        replace_kv_cache_with_custom_kv_cache,
+    )
+    from executorch.examples.models.llama.source_transformation.sdpa import replace_sdpa_with_custom_op
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from executorch.extension.llm.export.export_passes import RemoveRedundantTransposes
+    from torch.export import Dim, export
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = replace_sdpa_with_custom_op(model, use_attention_mask=True)
+    model = replace_kv_cache_with_custom_kv_cache(model).to(torch.float32)
+    example = (torch.tensor([[2, 3, 4]]), {"input_pos": torch.tensor([0])})
+    dynamic = ({1: Dim("token_dim", max=chunk)}, {"input_pos": {0: 1}})
+    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        ep = export(model, example, dynamic_shapes=dynamic, strict=True).run_decompositions({})
+        ep = export(RemoveRedundantTransposes()(ep.module()).graph_module, example, dynamic_shapes=dynamic, strict=True)
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+    ).transform([ConvertToLinearPass()])
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            passes=[InitializedMutableBufferPass(["cache_positions"])],
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    with open(path, "wb") as f:
+        program.write_to_file(f)
+
+
+def pte_step(path: Path):
+    """One call of the exported program (its cache is the loaded method's state)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers the llama:: kernels
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def step(tokens: list[int], pos: int) -> torch.Tensor:
+        return method.execute([torch.tensor([tokens]), torch.tensor([pos])])[0][0]
+
+    return step
+
+
+def decode_ms(step, stream: Stream, chunk: int, at: int, calls: int = 32) -> dict:
+    """Median and p10-p90 ms of one-token calls from stream position `at` on, the stream fed in chunks up to it."""
+    for a in range(0, at, chunk):
+        step(stream.ids(a, min(a + chunk, at)), a)
+    ms = []
+    for i, tok in enumerate(stream.ids(at, at + calls + 4)):
+        start = time.perf_counter()
+        step([tok], at + i)
+        ms.append(1e3 * (time.perf_counter() - start))
+    ms = np.array(ms[4:])  # the first calls warm the decode path
+    return {"at": at, "ms_median": float(np.median(ms)), "ms_p10_p90": np.percentile(ms, [10, 90]).tolist()}
+
+
+def speed(args, ckpt, stream: Stream) -> dict:
+    from runtimes import open_artifact
+    from runtimes.manifest import read_manifest
+
+    m = read_manifest(args.against)
+    want = ("executorch", args.sink, args.window, "none")
+    if (m["target"], m["sink"], m["window"], m["quantization"]["scheme"]) != want:
+        raise SystemExit(f"--against {args.against}: want an fp32 ExecuTorch export at S={args.sink} W={args.window}")
+    start = time.perf_counter()
+    export_pte(executorch_sink_model(ckpt, args.sink, args.window, args.chunk), args.pte, args.chunk)
+    print(f"exported {args.pte} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    eager = executorch_step(executorch_sink_model(ckpt, args.sink, args.window, args.chunk))
+    n = (args.sink + args.window) // args.chunk * args.chunk
+    lowered = same_below_the_ring(eager, pte_step(args.pte), n, args.chunk, ckpt.config.vocab_size)
+    print(f"the .pte against its eager model: {lowered:.1e} of the logits' scale", file=sys.stderr)
+    runner = open_artifact(args.against)
+    ours = decode_ms(lambda tokens, pos: runner.feed(tokens), stream, args.chunk, args.after)
+    theirs = decode_ms(pte_step(args.pte), stream, args.chunk, args.after)
+    size = sum(f.stat().st_size for f in Path(args.against).iterdir() if f.suffix == ".pte")
+    return {
+        "edgekv": {**ours, "pte_mb": size / 1e6},
+        "executorch_sink": {**theirs, "pte_mb": args.pte.stat().st_size / 1e6, "vs_eager_rel_diff": lowered},
+    }
+
+
 def edgekv_step(ckpt, sink: int, window: int, chunk: int):
     model = build_model(ckpt, sink, window, max_chunk=chunk)
 
@@ -162,7 +264,12 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--text", type=Path, default=TEXT)
     p.add_argument("--json", type=Path)
+    p.add_argument("--against", type=Path, help="edgekv's fp32 ExecuTorch export of the same model, to race")
+    p.add_argument("--pte", type=Path, help="where to write ExecuTorch's sink model as a .pte (with --against)")
+    p.add_argument("--skip-ppl", action="store_true", help="only the speed and size (with --against)")
     args = p.parse_args()
+    if bool(args.against) != bool(args.pte):
+        raise SystemExit("--against and --pte go together")
     ckpt = load_checkpoint(args.model)
     stream = Stream(load_tokenizer(ckpt.tokenizer_dir), read_text(args.text))
     result = {"sink": args.sink, "window": args.window, "tokens": args.tokens, "after": args.after}
@@ -175,10 +282,12 @@ def main() -> int:
     result["below_the_ring_rel_diff"] = diff
     if diff > 1e-4:
         raise SystemExit(f"the two models differ before any eviction ({diff:.1e} of the logits' scale)")
-    for name, make in makers.items():
+    for name, make in makers.items() if not args.skip_ppl else ():
         step = make()
         result[name] = scored(step, stream, args.chunk, args.tokens, args.after, name)
         print(name, json.dumps(result[name]), file=sys.stderr)
+    if args.against:
+        result["speed"] = speed(args, ckpt, stream)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
