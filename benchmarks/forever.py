@@ -157,6 +157,7 @@ def plot(args: argparse.Namespace) -> int:
     for path in args.results:
         r = json.loads(path.read_text())
         label = f"{r['target']}" + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
+        label += f", segments of {r['segment']:,}"  # one pass of the text scores the same tokens each segment
         ends = [s["end"] for s in r["segments"]]
         ax_ppl.plot(ends, [s["ppl"] for s in r["segments"]], marker="o", label=label)
         ax_rss.plot(ends, [s["rss_mb"] for s in r["segments"]], marker="o", label=label)
