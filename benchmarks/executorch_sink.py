@@ -195,8 +195,7 @@ def speed(args, ckpt, stream: Stream) -> dict:
     export_pte(executorch_sink_model(ckpt, args.sink, args.window, args.chunk), args.pte, args.chunk)
     print(f"exported {args.pte} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     eager = executorch_step(executorch_sink_model(ckpt, args.sink, args.window, args.chunk))
-    n = (args.sink + args.window) // args.chunk * args.chunk
-    lowered = same_below_the_ring(eager, pte_step(args.pte), n, args.chunk, ckpt.config.vocab_size)
+    lowered = same_below_the_ring(eager, pte_step(args.pte), args, ckpt.config.vocab_size)
     print(f"the .pte against its eager model: {lowered:.1e} of the logits' scale", file=sys.stderr)
     runner = open_artifact(args.against)
     ours = decode_ms(lambda tokens, pos: runner.feed(tokens), stream, args.chunk, args.after)
@@ -218,9 +217,11 @@ def edgekv_step(ckpt, sink: int, window: int, chunk: int):
     return step
 
 
-def same_below_the_ring(ours, theirs, n: int, chunk: int, vocab: int) -> float:
-    """Before any eviction both caches are the dense model: the largest logit difference over n random tokens, as a
-    fraction of the logits' scale (checks that the weights went where they belong)."""
+def same_below_the_ring(ours, theirs, args, vocab: int) -> float:
+    """Before any eviction both caches are the dense model: the largest logit difference over the whole chunks of
+    random tokens that fit in S + W slots, as a fraction of the logits' scale (the weights went where they belong)."""
+    chunk = args.chunk
+    n = (args.sink + args.window) // chunk * chunk
     ids = np.random.default_rng(0).integers(0, vocab, n).tolist()
     worst, scale = 0.0, 0.0
     for a in range(0, n, chunk):
@@ -277,8 +278,7 @@ def main() -> int:
         "edgekv": lambda: edgekv_step(ckpt, args.sink, args.window, args.chunk),
         "executorch_sink": lambda: executorch_step(executorch_sink_model(ckpt, args.sink, args.window, args.chunk)),
     }
-    n = (args.sink + args.window) // args.chunk * args.chunk
-    diff = same_below_the_ring(*(make() for make in makers.values()), n, args.chunk, ckpt.config.vocab_size)
+    diff = same_below_the_ring(*(make() for make in makers.values()), args, ckpt.config.vocab_size)
     result["below_the_ring_rel_diff"] = diff
     if diff > 1e-4:
         raise SystemExit(f"the two models differ before any eviction ({diff:.1e} of the logits' scale)")
