@@ -10,6 +10,14 @@ bytes) has one scale per slot, keys stored transposed, and runs as integer produ
 query and the scaled probabilities quantized to uint8 per call. Prints the median microseconds per call of each
 variant, rounds interleaved, and each cache's time over float32's per runtime (below 1: faster), and the int8
 output's error relative to float32's.
+
+`--fused` adds each runtime's fused attention op over the same float32 cache, for issue 38's "fused attention per
+backend": onnxruntime's `Attention` (opset 23), ExecuTorch's `llama::custom_sdpa` (the wheel's custom ops, the
+kernel its own LLM export uses) and OpenVINO's `ScaledDotProductAttention` (opset 13), with edgekv's graph on
+OpenVINO beside it. A fused op takes a query in one rotary frame (3 query heads per kv head, not 9 columns) and a
+float mask over the slots; it reads the cache where it lies, so the current token's key must already be in it.
+The fused op's time is what one call over the cache costs; edgekv's graph adds the frames' masks and the
+chunk's own key, which this graph leaves out (so its time here is a lower bound of edgekv's).
 """
 
 from __future__ import annotations
@@ -63,6 +71,90 @@ def runners(dtype: torch.dtype, slots: int, folder: Path) -> dict:
         f"onnxruntime {name}": lambda: session.run(None, feeds),
         f"executorch {name}": lambda: method.execute(list(args)),
     }
+
+
+def fused_runners(slots: int, folder: Path) -> dict:
+    """Each runtime's fused attention op over a float32 cache [1, KV, C, D] (ExecuTorch: [1, C, KV, D]), one token's
+    query [1, H, 1, D], an all-zero float mask [1, C]; plus edgekv's float32 graph on OpenVINO. name -> (callable,
+    the output's max error against NumPy relative to its largest value)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::custom_sdpa
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+    from onnx import TensorProto
+    from onnx import helper as h
+    from openvino import opset13
+
+    kv, d, c = KV_HEADS, HEAD_DIM, slots
+    heads = kv * QUERY_COLUMNS // 3  # query heads: 3 frames per head in edgekv's graph, one in a fused op
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, heads, 1, d)).astype(np.float32)
+    k, v = (rng.standard_normal((1, kv, c, d)).astype(np.float32) for _ in range(2))
+    mask = np.zeros((1, c), np.float32)
+    g = heads // kv
+    scores = q.reshape(kv, g, d) @ k[0].transpose(0, 2, 1) / np.sqrt(d)  # [KV, G, C]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    exact = (probs / probs.sum(-1, keepdims=True) @ v[0]).reshape(1, heads, 1, d)
+
+    def error(out) -> float:
+        return float(np.abs(np.asarray(out).reshape(exact.shape) - exact).max() / np.abs(exact).max())
+
+    found = {}
+    # onnxruntime: the standard Attention op (4-D inputs: the head counts come from the shapes, GQA by kv heads).
+    inputs = [("q", [1, heads, 1, d]), ("k", [1, kv, c, d]), ("v", [1, kv, c, d]), ("mask", [1, c])]
+    graph = h.make_graph(
+        [h.make_node("Attention", ["q", "k", "v", "mask"], ["out"])],
+        "fused_attention",
+        [h.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
+        [h.make_tensor_value_info("out", TensorProto.FLOAT, [1, heads, 1, d])],
+    )
+    path = folder / "attention_fused.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]), str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"q": q, "k": k, "v": v, "mask": mask}
+    found["onnxruntime fused"] = (lambda: session.run(None, feeds)), error(session.run(None, feeds)[0])
+
+    # ExecuTorch: custom_sdpa takes [B, S, H, D] and the mask as float [T, C], start_pos 0, not causal.
+    class CustomSdpa(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.ops.llama.custom_sdpa(q, k, v, 0, mask, 0.0, False, None)
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+    args = (*args, torch.from_numpy(mask))
+    program = to_edge_transform_and_lower(torch.export.export(CustomSdpa(), args), partitioner=[XnnpackPartitioner()])
+    pte_path = folder / "attention_fused.pte"
+    pte_path.write_bytes(program.to_executorch().buffer)
+    method = Runtime.get().load_program(str(pte_path)).load_method("forward")
+    out = method.execute(list(args))[0].numpy().transpose(0, 2, 1, 3)
+    found["executorch fused"] = (lambda: method.execute(list(args))), error(out)
+
+    # OpenVINO: opset 13 SDPA has no grouped heads; one token's G query heads ride the query's sequence axis.
+    core = ov.Core()
+    params = [ov.op.Parameter(ov.Type.f32, ov.Shape(s)) for s in ([1, kv, g, d], [1, kv, c, d], [1, kv, c, d])]
+    sdpa = opset13.scaled_dot_product_attention(*params, attention_mask=mask.reshape(1, 1, 1, c))
+    compiled = core.compile_model(ov.Model([sdpa], params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    feeds_ov = [q.reshape(1, kv, g, d), k, v]
+    found["openvino fused"] = (lambda: request.infer(feeds_ov)), error(request.infer(feeds_ov)[0])
+    layers = {op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()}
+    print(f"  openvino fused: the CPU plugin's runtime graph runs it as {sorted(layers - {'Input', 'Output'})}")
+
+    # edgekv's float32 graph (CacheAttention) on OpenVINO, from its ONNX file, for a row to set the fused one against.
+    unfused = core.compile_model(
+        core.read_model(str(folder / "attention_float32.onnx")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    request_unfused = unfused.create_infer_request()
+    g32 = torch.Generator().manual_seed(0)
+    feeds_unfused = [
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g32).numpy(),
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g32).numpy(),
+        torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g32).numpy(),
+    ]
+    found["openvino float32"] = (lambda: request_unfused.infer(feeds_unfused)), 0.0
+    return found
 
 
 def int8_runner(slots: int, folder: Path):
@@ -128,6 +220,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=1024, help="cache slots S + W (default 1024, edgekv's default)")
     p.add_argument("--calls", type=int, default=400, help="timed calls per variant and round (default 400)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, variants interleaved (default 3)")
+    p.add_argument("--fused", action="store_true", help="also each runtime's fused attention op (float32 cache)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         int8, int8_error = int8_runner(args.slots, Path(tmp))
@@ -136,6 +229,10 @@ def main() -> None:
             **runners(torch.float16, args.slots, Path(tmp)),
             "onnxruntime int8": int8,
         }
+        errors = {}
+        if args.fused:
+            for name, (run, err) in fused_runners(args.slots, Path(tmp)).items():
+                variants[name], errors[name] = run, err
         times = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, run in variants.items():
@@ -151,7 +248,10 @@ def main() -> None:
         print(f"  {name:22s} {us:8.1f} us")
     for name in median:
         runtime, cache = name.split()
-        if cache != "float32":
+        if cache == "fused":
+            ratio = median[name] / median[f"{runtime} float32"]
+            print(f"  {runtime}: fused op / edgekv's float32 graph = {ratio:.2f}x the time (error {errors[name]:.1e})")
+        elif cache != "float32":
             ratio = median[name] / median[f"{runtime} float32"]
             print(f"  {runtime}: {cache} cache / float32 cache = {ratio:.2f}x the time")
     print(f"  int8 output error: {int8_error:.3f} x the largest output (random keys, values and queries)")

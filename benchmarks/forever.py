@@ -2,6 +2,7 @@
 
     python benchmarks/forever.py run out/smol/executorch-int8 --tokens 1000000 --json out/forever-et-int8.json
     python benchmarks/forever.py plot docs/forever.png out/forever-*.json
+    python benchmarks/forever.py table out/forever-et-int8.json out/forever-onnx.json
 
 The text is data/tinyshakespeare.txt (Karpathy's tiny-shakespeare: 1.1 MB of Shakespeare's plays, public domain)
 tokenized once and repeated end to end as often as the stream needs: one pass is about 300,000 SmolLM2 tokens,
@@ -156,11 +157,10 @@ def plot(args: argparse.Namespace) -> int:
     fig, (ax_ppl, ax_rss) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for path in args.results:
         r = json.loads(path.read_text())
-        label = f"{r['target']}" + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
-        label += f", segments of {r['segment']:,}"  # one pass of the text scores the same tokens each segment
+        name = label(r) + f", segments of {r['segment']:,}"  # one pass of the text scores the same tokens each segment
         ends = [s["end"] for s in r["segments"]]
-        ax_ppl.plot(ends, [s["ppl"] for s in r["segments"]], marker="o", label=label)
-        ax_rss.plot(ends, [s["rss_mb"] for s in r["segments"]], marker="o", label=label)
+        ax_ppl.plot(ends, [s["ppl"] for s in r["segments"]], marker="o", label=name)
+        ax_rss.plot(ends, [s["rss_mb"] for s in r["segments"]], marker="o", label=name)
     ax_ppl.set(
         ylabel=f"perplexity (last {r['scored']:,} tokens of each segment)",
         ylim=(0, None),
@@ -170,6 +170,31 @@ def plot(args: argparse.Namespace) -> int:
     ax_ppl.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
+    return 0
+
+
+def label(r: dict) -> str:
+    return r["target"] + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
+
+
+def table(args: argparse.Namespace) -> int:
+    """Runs of the same text and segments side by side: each segment's perplexity per run, and how far apart the
+    runs are (the largest over the smallest, per segment): targets agreeing segment by segment."""
+    runs = [json.loads(path.read_text()) for path in args.results]
+    keys = ("text_sha256", "segment", "scored")
+    for r in runs[1:]:
+        if any(r[k] != runs[0][k] for k in keys) or r["text_tokens"] != runs[0]["text_tokens"]:
+            raise EdgekvError(
+                f"{args.results[0]} and another run streamed different texts or segments: compare like runs"
+            )
+    ends = sorted(set.intersection(*({s["end"] for s in r["segments"]} for r in runs)))
+    by_end = [{s["end"]: s for s in r["segments"]} for r in runs]
+    print("| segment end | " + " | ".join(label(r) for r in runs) + " | spread |")
+    print("|---" * (len(runs) + 2) + "|")
+    for end in ends:
+        ppl = [b[end]["ppl"] for b in by_end]
+        cells = [f"{p:.3f}" + ("" if b[end]["finite"] else " (NOT FINITE)") for p, b in zip(ppl, by_end, strict=True)]
+        print(f"| {end:,} | " + " | ".join(cells) + f" | {100 * (max(ppl) / min(ppl) - 1):.2f} % |")
     return 0
 
 
@@ -187,9 +212,11 @@ def main() -> int:
     q = sub.add_parser("plot", help="perplexity and RSS per segment of one or more runs")
     q.add_argument("out", type=Path, help="PNG to write")
     q.add_argument("results", type=Path, nargs="+", help="JSON files of `run`")
+    t = sub.add_parser("table", help="perplexity per segment of runs of the same text side by side (markdown)")
+    t.add_argument("results", type=Path, nargs="+", help="JSON files of `run`")
     args = p.parse_args()
     try:
-        return run(args) if args.command == "run" else plot(args)
+        return {"run": run, "plot": plot, "table": table}[args.command](args)
     except EdgekvError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
