@@ -121,10 +121,9 @@ class Attention(nn.Module):
         scores = torch.cat([torch.bmm(k_cache, qt), torch.bmm(k, qt)], dim=1)  # [KV, C + T, G*frames*T]
         scores = scores.transpose(1, 2).reshape(kv, g, frames, t, -1)
         # Each (query, key) pair keeps its frame's score: masks as 0/1 factors and a 0/-inf bias rather than
-        # where/masked_fill, exact, and ops XNNPACK delegates.
-        # The three frames added as slices rather than by sum(dim=2): XNNPACK takes no sum, and one outside it split
-        # each layer's delegated work in two around a portable-kernel sum (exact either way: two of three are 0).
-        if self.rope:  # slices, not select (which XNNPACK does not take either); [KV, G, 1, T, C + T]
+        # where/masked_fill, exact, and ops XNNPACK delegates. The frames are added as slices, not by sum(dim=2) or
+        # select, which XNNPACK does not take: a sum per layer split ExecuTorch's delegate around a portable kernel.
+        if self.rope:  # [KV, G, 1, T, C + T]
             f = ctx["frames"]
             scores = scores[:, :, :1] * f[0] + scores[:, :, 1:2] * f[1] + scores[:, :, 2:] * f[2]
         else:
