@@ -121,13 +121,8 @@ class Attention(nn.Module):
         scores = torch.cat([torch.bmm(k_cache, qt), torch.bmm(k, qt)], dim=1)  # [KV, C + T, G*frames*T]
         scores = scores.transpose(1, 2).reshape(kv, g, frames, t, -1)
         # Each (query, key) pair keeps its frame's score: masks as 0/1 factors and a 0/-inf bias rather than
-        # where/masked_fill, exact, and ops XNNPACK delegates. The frames are added as slices, not by sum(dim=2) or
-        # select, which XNNPACK does not take: a sum per layer split ExecuTorch's delegate around a portable kernel.
-        if self.rope:  # [KV, G, 1, T, C + T]
-            f = ctx["frames"]
-            scores = scores[:, :, :1] * f[0] + scores[:, :, 1:2] * f[1] + scores[:, :, 2:] * f[2]
-        else:
-            scores = scores.view(kv, g, t, -1)
+        # where/masked_fill, exact, and ops XNNPACK delegates.
+        scores = (scores * ctx["frames"]).sum(dim=2) if self.rope else scores.view(kv, g, t, -1)
         probs = torch.softmax(scores * self.scale + ctx["bias"], dim=-1).view(kv, g * t, -1)
         c = k_cache.shape[1]
         out = torch.bmm(probs[:, :, :c], v_cache) + torch.bmm(probs[:, :, c:], v)
@@ -252,7 +247,7 @@ class StreamingLM(nn.Module):
                 "q_sin": sin[rows],  # [3, T, R/2]
                 "k_cos": cos[rows[1]],
                 "k_sin": sin[rows[1]],  # the chunk's keys at their slots
-                "frames": frames.to(dtype).split(1),  # 3 x [1, T, C + T]
+                "frames": frames.to(dtype),  # [3, T, C + T]
                 "bias": torch.where(visible(q_pos, k_pos, s, w), zero, ninf),  # [T, C + T]
             }
         return out
