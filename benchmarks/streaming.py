@@ -10,7 +10,7 @@ Exports the missing artifacts first (default cache: 4 sink + 1020 window slots, 
 each one through --tokens positions in its own process, timing one-token decode at the positions below.
 transformers and llama.cpp run the same tokens up to 8,192 with their growing caches, and llama.cpp once more
 with the artifacts' attention span: S + W slots and its context shift keeping S (llama.cpp's own policy: at a
-full context it drops half of the rest, so it attends over between half and all of the slots). Medians and
+full context it drops half of the rest, so it attends over between half and all but one of the slots). Medians and
 ratios all come from this one run: the machine is shared and noisy, so compare within a run only.
 Quality: perplexity of data/tinyshakespeare.txt (sink mode, the artifact's cache), per artifact.
 """
@@ -83,7 +83,7 @@ def bench_llamacpp(positions: list[int], steps: int, threads: int, n_ctx: int = 
     """llama.cpp (llama-cpp-python) on the GGUF edgekv loads by default, `threads` threads, its own KV cache: growing
     to the last position (n_ctx 0), or n_ctx slots with its context shift keeping the first n_keep tokens (the
     same attention span as an edgekv cache of n_ctx slots, n_keep of them sinks; after a shift it attends over
-    between half and all of them)."""
+    between half and all but one of them)."""
     from llama_cpp import Llama, __version__
 
     from exporter.loaders import load_checkpoint
@@ -263,7 +263,8 @@ def speed(folders: list[Path], args) -> dict:
 
     manifest = json.loads((folders[0] / "edgekv.json").read_text())
     capacity = manifest["sink"] + manifest["window"]
-    positions = sorted({p for p in (capacity, 4096, 8192, 16384, 32768) if p < args.tokens} | {args.tokens})
+    # 4,096 always: the summary's goals are read there
+    positions = sorted({p for p in (capacity, 8192, 16384, 32768) if p < args.tokens} | {4096, args.tokens})
     peer_positions = [capacity, *HF_POSITIONS[1:]]
     print("bench transformers", file=sys.stderr)
     hf = in_fresh_process(bench_transformers, peer_positions, args.steps)
@@ -345,14 +346,16 @@ def summarize(results: list[dict], peers: list[dict], bw: dict, capacity: int) -
     step_bytes = hf["weight_bytes"] + hf["cache_bytes_per_token"] * capacity
     floor_ms = 1e3 * step_bytes / (max(bw["one_thread"], bw["all_threads"]) * 1e9)
     fp32 = [r for r in results if r["quantization"] == "none"]
-    s = {"floor_ms": floor_ms, "step_bytes": step_bytes, "per_target": {}}
+    s = {"per_target": {}}
     if fp32:  # the fp32 goals (a run of quantized artifacts alone has only their lines)
+        s["floor_ms"], s["step_bytes"] = floor_ms, step_bytes
         fastest = min(fp32, key=lambda r: at(r, 4096))
         s["fastest"] = fastest["target"]
         s["speedup_vs_transformers_4096"] = at(hf, 4096) / at(fastest, 4096)
         s["fastest_over_floor"] = at(fastest, 4096) / floor_ms
+    w = max(18, *(len(x.get("name", x["target"])) + 1 for x in [*results, *peers]))  # the name column
     lines = [
-        f"{'artifact':<18}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
+        f"{'artifact':<{w}}{'size MB':>9}{'prefill tok/s':>15}{'prefill/decode':>16}"
         + "".join(f"{'ms@' + str(p):>10}" for p in results[0]["positions"])
         + f"{'ms ratio':>10}{'RSS MB':>9}{'RSS growth':>12}"
     ]
@@ -364,13 +367,13 @@ def summarize(results: list[dict], peers: list[dict], bw: dict, capacity: int) -
             "prefill_over_decode": speed,
         }
         lines.append(
-            f"{r['name']:<18}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
+            f"{r['name']:<{w}}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>15.0f}{speed:>15.1f}x"
             + "".join(f"{v:>10.2f}" for v in r["ms_per_token"])
             + f"{r['flat_ms_ratio']:>9.3f}x{r['rss_mb'][-1]:>9.0f}{100 * r['rss_growth']:>+11.2f}%"
         )
     for peer in peers:
         lines.append(
-            f"{peer.get('name', peer['target']):<18}{'':>9}{'':>15}{'':>16}"
+            f"{peer.get('name', peer['target']):<{w}}{'':>9}{'':>15}{'':>16}"
             + "".join(
                 f"{at(peer, p):>10.2f}" if p in peer["positions"] else f"{'-':>10}" for p in results[0]["positions"]
             )
