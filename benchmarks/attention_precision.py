@@ -44,6 +44,16 @@ class CacheAttention(torch.nn.Module):
         return torch.bmm(probs.to(self.dtype), values).to(torch.float32)  # [KV, Q, D]
 
 
+def graph_args(dtype: torch.dtype, slots: int) -> tuple:
+    """CacheAttention's inputs: keys and values [KV, C, D] in `dtype`, queries [KV, D, Q] float32 (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
+        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
+        torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g),
+    )
+
+
 def runners(dtype: torch.dtype, slots: int, folder: Path) -> dict:
     """name -> a no-argument callable running the graph once."""
     import onnxruntime as ort
@@ -51,12 +61,7 @@ def runners(dtype: torch.dtype, slots: int, folder: Path) -> dict:
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    g = torch.Generator().manual_seed(0)
-    args = (
-        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
-        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g).to(dtype),
-        torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g),
-    )
+    args = graph_args(dtype, slots)
     name = str(dtype).removeprefix("torch.")
     model = CacheAttention(dtype).eval()
     onnx_path = folder / f"attention_{name}.onnx"
@@ -147,12 +152,7 @@ def fused_runners(slots: int, folder: Path) -> dict:
         core.read_model(str(folder / "attention_float32.onnx")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
     request_unfused = unfused.create_infer_request()
-    g32 = torch.Generator().manual_seed(0)
-    feeds_unfused = [
-        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g32).numpy(),
-        torch.randn(KV_HEADS, slots, HEAD_DIM, generator=g32).numpy(),
-        torch.randn(KV_HEADS, HEAD_DIM, QUERY_COLUMNS, generator=g32).numpy(),
-    ]
+    feeds_unfused = [a.numpy() for a in graph_args(torch.float32, slots)]
     found["openvino float32"] = (lambda: request_unfused.infer(feeds_unfused)), 0.0
     return found
 
