@@ -1,7 +1,7 @@
 """Head-to-head with ExecuTorch's own attention sink: the same weights, sink and window, the same text.
 
     python benchmarks/executorch_sink.py [--model M] [--sink 4] [--window 1020] [--tokens 2000] [--json FILE]
-                                         [--against DIR --pte FILE]
+                                         [--against DIR --pte FILE [--qmode 8da4w]]
 
 ExecuTorch 1.5.1's wheel carries its Llama example's attention sink
 (`executorch/examples/models/llama/source_transformation/attention_sink.py`, `export_llama --use_attention_sink`).
@@ -21,7 +21,10 @@ Transformer has no qk-norm, sandwich norms or hybrid layers.
 --use_sdpa_with_kv_cache -X --xnnpack-extended-ops` does (fp32: XNNPACK linears, the fused `llama::custom_sdpa` with
 the sink's mask, `llama::update_cache_with_indices`), then times one-token decode calls through `executorch.runtime`
 after `--after` tokens of stream, and the same through DIR, edgekv's ExecuTorch export of the same checkpoint and
-cache (fp32: `edgekv export --target executorch`).
+cache (fp32: `edgekv export --target executorch`). `--qmode 8da4w` lowers ExecuTorch's model quantized as
+`export_llama -qmode 8da4w -G 32 -E 4,32` does (the wheel's own transforms: int4 weights in groups of 32 with int8
+dynamic activations, the embedding in 4 bits, groups of 32), to race against `edgekv export --target executorch
+--quantize int4` (the same groups).
 """
 
 from __future__ import annotations
@@ -103,6 +106,19 @@ def executorch_sink_model(ckpt, sink: int, window: int, chunk: int) -> torch.nn.
     return model.eval()
 
 
+def quantize_like_export_llama(model: torch.nn.Module, qmode: str) -> torch.nn.Module:
+    """`export_llama -qmode 8da4w -G 32 -E 4,32`'s source transforms, from the wheel, in its order (embedding first)."""
+    if qmode == "none":
+        return model
+    from executorch.examples.models.llama.source_transformation.quantize import (
+        get_quant_embedding_transform,
+        get_quant_weight_transform,
+    )
+
+    model = get_quant_embedding_transform("4,32")(model)
+    return get_quant_weight_transform(qmode, group_size=32)(model).eval()
+
+
 def executorch_step(model):
     @torch.no_grad()
     def step(tokens: list[int], pos: int) -> torch.Tensor:
@@ -159,6 +175,7 @@ def export_pte(model: torch.nn.Module, path: Path, chunk: int) -> None:
 
 def pte_step(path: Path):
     """One call of the exported program (its cache is the loaded method's state)."""
+    import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers the llama:: kernels
     from executorch.runtime import Runtime
 
@@ -188,13 +205,21 @@ def speed(args, ckpt, stream: Stream) -> dict:
     from runtimes.manifest import read_manifest
 
     m = read_manifest(args.against)
-    want = ("executorch", args.sink, args.window, "none")
+    scheme = {"none": "none", "8da4w": "int4"}[args.qmode]
+    want = ("executorch", args.sink, args.window, scheme)
     if (m["target"], m["sink"], m["window"], m["quantization"]["scheme"]) != want:
-        raise SystemExit(f"--against {args.against}: want an fp32 ExecuTorch export at S={args.sink} W={args.window}")
+        raise SystemExit(
+            f"--against {args.against}: want an ExecuTorch export at S={args.sink} W={args.window} with "
+            f"--quantize {scheme} (for --qmode {args.qmode})"
+        )
+
+    def model() -> torch.nn.Module:
+        return quantize_like_export_llama(executorch_sink_model(ckpt, args.sink, args.window, args.chunk), args.qmode)
+
     start = time.perf_counter()
-    export_pte(executorch_sink_model(ckpt, args.sink, args.window, args.chunk), args.pte, args.chunk)
+    export_pte(model(), args.pte, args.chunk)
     print(f"exported {args.pte} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    eager = executorch_step(executorch_sink_model(ckpt, args.sink, args.window, args.chunk))
+    eager = executorch_step(model())
     lowered = same_below_the_ring(eager, pte_step(args.pte), args, ckpt.config.vocab_size)
     print(f"the .pte against its eager model: {lowered:.1e} of the logits' scale", file=sys.stderr)
     runner = open_artifact(args.against)
@@ -202,6 +227,7 @@ def speed(args, ckpt, stream: Stream) -> dict:
     theirs = decode_ms(pte_step(args.pte), stream, args.chunk, args.after)
     size = sum(f.stat().st_size for f in Path(args.against).iterdir() if f.suffix == ".pte")
     return {
+        "qmode": args.qmode,
         "edgekv": {**ours, "pte_mb": size / 1e6},
         "executorch_sink": {**theirs, "pte_mb": args.pte.stat().st_size / 1e6, "vs_eager_rel_diff": lowered},
     }
@@ -265,8 +291,16 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--text", type=Path, default=TEXT)
     p.add_argument("--json", type=Path)
-    p.add_argument("--against", type=Path, help="edgekv's fp32 ExecuTorch export of the same model, to race")
+    p.add_argument(
+        "--against", type=Path, help="edgekv's ExecuTorch export of the same model, to race (int4 with --qmode 8da4w)"
+    )
     p.add_argument("--pte", type=Path, help="where to write ExecuTorch's sink model as a .pte (with --against)")
+    p.add_argument(
+        "--qmode",
+        choices=["none", "8da4w"],
+        default="none",
+        help="ExecuTorch's model as fp32 (default) or as export_llama's -qmode 8da4w -G 32 -E 4,32 (with --against)",
+    )
     p.add_argument("--skip-ppl", action="store_true", help="only the speed and size (with --against)")
     args = p.parse_args()
     if bool(args.against) != bool(args.pte):

@@ -8,14 +8,18 @@ Writes the checkpoint itself (sharded bf16 safetensors, fixed seed, a word-level
 exports each target x scheme in its own process (`edgekv export`, window 124 unless --window), measuring wall time
 and peak RSS of that process, the artifact's size, and decode ms/token at each position (a runnable target's
 runner, the stream fed up to the position in prefill chunks; its RSS after each); with --validate, `edgekv
-validate`'s wall and peak RSS too. With --llama-cpp, llama.cpp on the same weights beside them (issue 18's speed
-goal): llama.cpp's own converter and quantizer from the llama-cpp-python source distribution, decode timed the same
-way. Prints a markdown table.
+validate`'s wall and peak RSS too. With --llama-cpp, llama.cpp on the same weights beside them: llama.cpp's own
+converter and quantizer from the llama-cpp-python source distribution, decode timed the same way, with its growing
+cache and with edgekv's span (n_ctx = 4 + W, its context shift keeping 4), flash attention off and on. Prints a
+markdown table.
 
     pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d /tmp/llama
     tar xzf /tmp/llama/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama && pip install /tmp/llama/llama_cpp_python-0.3.36
     python benchmarks/scale.py --shape 1b --targets onnx,executorch --schemes int4 --positions 1024,4096,8192 \
-        --llama-cpp /tmp/llama/llama_cpp_python-0.3.36
+        --window 1020 --llama-cpp /tmp/llama/llama_cpp_python-0.3.36
+
+(On a CPU with AMX, build llama-cpp-python without it, as docs/benchmarks.md's race says: natively built, it
+stops on an illegal instruction.)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.streaming import read_bandwidth  # noqa: E402
+from benchmarks.streaming import read_bandwidth, shift_context  # noqa: E402
 
 # name -> Hugging Face config fields (random weights: only the shapes are the real models')
 SHAPES = {
@@ -243,21 +247,29 @@ def llama_gguf(ckpt: Path, src: Path, qtype: str) -> Path:
     return out
 
 
-def llama_decode_ms(gguf: Path, positions: list[int], flash: bool, threads: int = 2) -> dict:
-    """time_decode of llama.cpp: its own growing KV cache (f16), fed 64 tokens at a time like edgekv's 1B exports,
-    with flash attention on or off (llama.cpp's tools turn it on for a CPU, `-fa auto`; the binding leaves it off)."""
+def llama_decode_ms(gguf: Path, positions: list[int], flash: bool, n_ctx: int = 0, threads: int = 2) -> dict:
+    """time_decode of llama.cpp, fed 64 tokens at a time like edgekv's 1B exports, with flash attention on or off
+    (llama.cpp's tools turn it on for a CPU, `-fa auto`; the binding leaves it off): its own f16 KV cache growing
+    to the last position (n_ctx 0), or n_ctx slots with its context shift keeping the first 4 tokens, the same
+    attention span as an edgekv cache of 4 + (n_ctx - 4) slots (streaming.shift_context)."""
     from llama_cpp import Llama
 
     llm = Llama(
         model_path=str(gguf),
-        n_ctx=max(positions) + 100,
+        n_ctx=n_ctx or max(positions) + 100,
         n_threads=threads,
         n_threads_batch=threads,
         n_batch=64,
         flash_attn=flash,
         verbose=False,
     )
-    return time_decode(llm.eval, llm.n_vocab(), 64, positions)
+
+    def feed(tokens: list[int]) -> None:
+        if n_ctx:
+            shift_context(llm, len(tokens), n_keep=4)
+        llm.eval(tokens)
+
+    return time_decode(feed, llm.n_vocab(), 64, positions)
 
 
 def main() -> None:
@@ -351,17 +363,18 @@ def main() -> None:
             rows.append(row)
     for qtype in args.llama_types.split(",") if args.llama_cpp else []:
         gguf = llama_gguf(ckpt, args.llama_cpp, qtype)
-        for flash in (False, True):
+        # growing: llama.cpp's default; shifting: edgekv's span (S + W slots, S = 4 kept)
+        for n_ctx, flash in [(0, False), (0, True), (4 + args.window, False), (4 + args.window, True)]:
             row = {
                 "shape": args.shape,
-                "target": f"llama.cpp{' -fa' if flash else ''}",
+                "target": f"llama.cpp{' -fa' if flash else ''}{f' shift {n_ctx}' if n_ctx else ''}",
                 "scheme": qtype,
                 "size_gb": round(gguf.stat().st_size / 1e9, 2),
-                "decode": llama_decode_ms(gguf, positions, flash),
+                "decode": llama_decode_ms(gguf, positions, flash, n_ctx),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    # The bandwidth floor of a decode step: every weight byte read once (the 128-slot cache is a few MB).
+    # The bandwidth floor of a decode step: every weight byte read once (the cache's reads left out).
     bw = read_bandwidth()["all_threads"] if any("decode" in r for r in rows) else None
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "bandwidth_gb_s": bw}, indent=2))
