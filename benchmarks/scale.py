@@ -218,8 +218,9 @@ def llama_gguf(ckpt: Path, src: Path, qtype: str) -> Path:
     staged = ckpt.parent / f"{ckpt.name}-gguf-src"
     staged.mkdir(exist_ok=True)
     for f in [*ckpt.glob("*.safetensors"), ckpt / "config.json"]:
-        if not (staged / f.name).exists():
-            (staged / f.name).symlink_to(f)
+        link = staged / f.name
+        link.unlink(missing_ok=True)  # a link left by an earlier run may point nowhere
+        link.symlink_to(f.resolve())  # absolute: a relative --work would resolve against staged/
     for f in load_checkpoint().tokenizer_dir.glob("tokenizer*.json"):
         shutil.copy(f, staged / f.name)
     f16 = ckpt.parent / f"{ckpt.name}-f16.gguf"
