@@ -112,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
             )
         result["segments"] = state["segments"]
         print(f"resuming {session} at position {runner.pos:,}", file=sys.stderr)
-    with Bar(args.tokens, f"forever {m['target']}") as bar:
-        bar.update(runner.pos)
+    with Bar(args.tokens, f"forever {m['target']}", done=runner.pos) as bar:
         while runner.pos < args.tokens:
             start = runner.pos
             end = min((start // args.segment + 1) * args.segment, args.tokens)  # aligned, also after a resume

@@ -111,14 +111,15 @@ def captured():
 
 
 class Bar:
-    def __init__(self, total: int, desc: str, unit: str = "tok"):
-        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+    def __init__(self, total: int, desc: str, unit: str = "tok", done: int = 0):
+        """`done`: work finished before this bar started (a resumed run): counted in its position, not its rate."""
+        self.total, self.desc, self.unit, self.n, self.done = total, desc, unit, done, done
         self.start = self.last = time.perf_counter()
         self.bar = None
         if (_console or sys.stderr).isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=_console or sys.stderr, leave=False)
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, file=_console or sys.stderr, leave=False)
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -128,7 +129,7 @@ class Bar:
         now = time.perf_counter()
         if now - self.last >= (EVERY if self.last > self.start else FIRST) and self.n < self.total:
             self.last = now
-            rate = self.n / (now - self.start)
+            rate = max(self.n - self.done, 1) / (now - self.start)
             say(
                 f"edgekv: {self.desc}: {self.n}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, about "
                 f"{duration((self.total - self.n) / rate)} left)"

@@ -43,11 +43,13 @@ def test_debug_lets_everything_through(capfd, monkeypatch):
     assert capfd.readouterr().err == "a C++ library's line\n"
 
 
-def test_bars_print_lines_with_the_time_left_when_stderr_is_a_file(tmp_path):
-    """A 10-step loop of 0.1 s with the first line after 0.25 s and then every 0.3 s, stderr a file."""
+@pytest.mark.parametrize("done", [0, 100])
+def test_bars_print_lines_with_the_time_left_when_stderr_is_a_file(tmp_path, done):
+    """A 10-step loop of 0.1 s with the first line after 0.25 s and then every 0.3 s, stderr a file; `done` steps
+    finished before the bar (a resumed run) move its position but not its rate."""
     script = (
         "import time\nfrom runtimes import progress\nprogress.FIRST, progress.EVERY = 0.25, 0.3\n"
-        "with progress.Bar(10, 'validate') as bar:\n    for _ in range(10):\n"
+        f"with progress.Bar({done} + 10, 'validate', done={done}) as bar:\n    for _ in range(10):\n"
         "        time.sleep(0.1)\n        bar.update(1)\n"
     )
     with open(tmp_path / "err", "w") as err:
@@ -55,9 +57,11 @@ def test_bars_print_lines_with_the_time_left_when_stderr_is_a_file(tmp_path):
     lines = (tmp_path / "err").read_text().splitlines()
     assert 2 <= len(lines) <= 4, lines
     first = lines[0]
-    assert first.startswith("edgekv: validate: 3/10 tok (") and first.endswith(" s left)"), lines
+    assert first.startswith(f"edgekv: validate: {done + 3}/{done + 10} tok (") and first.endswith(" s left)"), lines
+    rate = float(first.split("(")[1].split(" tok/s")[0])
+    assert 5 < rate <= 10.5, lines  # 3 steps in the first 0.3 s; counting `done` in would say 333 tok/s
     left = float(first.split("about ")[1].split(" s left")[0])
-    assert 0 < left <= 1, lines  # 7 steps of 0.1 s to go
+    assert left == 1, lines  # 7 steps of 0.1 s to go, rounded to a second
 
 
 def test_a_failed_export_names_a_nearly_full_disk(tmp_path):
