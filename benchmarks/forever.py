@@ -158,7 +158,8 @@ def plot(args: argparse.Namespace) -> int:
     fig, (ax_ppl, ax_rss) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for path in args.results:
         r = json.loads(path.read_text())
-        name = label(r) + f", segments of {r['segment']:,}"  # one pass of the text scores the same tokens each segment
+        # the stream's length tells runs of one model and target apart; segments of one pass score the same tokens
+        name = label(r) + f", {r['segments'][-1]['end']:,} tokens in segments of {r['segment']:,}"
         ends = [s["end"] for s in r["segments"]]
         ax_ppl.plot(ends, [s["ppl"] for s in r["segments"]], marker="o", label=name)
         ax_rss.plot(ends, [s["rss_mb"] for s in r["segments"]], marker="o", label=name)
@@ -168,7 +169,7 @@ def plot(args: argparse.Namespace) -> int:
         title="edgekv: a stream of millions of tokens, cache 4 + 1,020",
     )
     ax_rss.set(xlabel="stream position (tokens)", ylabel="RSS (MB)", ylim=(0, None))
-    ax_ppl.legend()
+    ax_ppl.legend(loc="lower right", fontsize=8)  # below the curves: perplexities sit well above 0
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     return 0
