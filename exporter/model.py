@@ -165,8 +165,9 @@ class StreamingLM(nn.Module):
     """Decoder with an S + W slot cache per layer. `forward(tokens [1, T], input_pos [1])` -> logits.
 
     A hybrid model's sliding layers (Gemma 3) keep their model's own window as a plain ring, S = 0 and W = its
-    sliding window (docs/cache.md, "Hybrid models"), in the same buffer: every layer has max(S + W, that) slots and
-    a layer masks the slots its geometry does not use."""
+    sliding window (docs/cache.md, "Hybrid models"). Each layer reads only its own S + W slots: its own buffer
+    (`per_layer_cache`, the pure graphs' inputs) or the first S + W slots of its part of the stacked buffer, which
+    has the widest layer's slot count (Core ML's one state, sessions)."""
 
     def __init__(
         self,
@@ -226,17 +227,18 @@ class StreamingLM(nn.Module):
     def layer_geometry(self, layer: int) -> tuple[int, int]:
         return self.geometry["local" if self.cfg.is_local(layer) else "global"]
 
+    def layer_slots(self, j: int) -> int:
+        """Slots of cache part j (keys of layers 0..L-1, then values): its layer's S + W."""
+        return sum(self.layer_geometry(j % self.cfg.num_layers))
+
     def context(self, t: int, input_pos: Tensor) -> dict:
         """Everything the layers of each kind share for one call: rotary rows, frames, visibility."""
         start = input_pos.to(torch.int64)
         q_pos = start + torch.arange(t, dtype=torch.int64)
         out = {}
         for kind, (s, w) in self.geometry.items():
-            held = slot_positions(start - 1, s, w)
-            if s + w < self.slots:  # slots this kind does not use: never visible
-                held = torch.cat([held, torch.full((self.slots - s - w,), -1, dtype=torch.int64)])
-            k_pos = torch.cat([held, q_pos])  # the cache's slots, then the chunk
-            k_slot = torch.cat([torch.arange(self.slots, dtype=torch.int64), slot_index(q_pos, s, w)])
+            k_pos = torch.cat([slot_positions(start - 1, s, w), q_pos])  # this kind's own slots, then the chunk
+            k_slot = torch.cat([torch.arange(s + w, dtype=torch.int64), slot_index(q_pos, s, w)])
             rows, frames = rope_frames(q_pos, k_pos, k_slot, s, w)
             suffix = "_local" if kind == "local" else ""
             cos, sin = getattr(self, "rope_cos" + suffix), getattr(self, "rope_sin" + suffix)
@@ -253,8 +255,10 @@ class StreamingLM(nn.Module):
         return out
 
     def cache_parts(self, kv_cache: Tensor) -> list[Tensor]:
-        """The stacked cache [2, L, KV, C, D] as 2L views [KV, C, D]: keys of layers 0..L-1, then values."""
-        return list(kv_cache.view(-1, *kv_cache.shape[2:]).unbind(0))
+        """The stacked cache [2, L, KV, C, D] as 2L views [KV, C_j, D], each its layer's own first S + W slots: keys
+        of layers 0..L-1, then values."""
+        parts = kv_cache.view(-1, *kv_cache.shape[2:]).unbind(0)
+        return [p if self.layer_slots(j) == p.shape[1] else p[:, : self.layer_slots(j)] for j, p in enumerate(parts)]
 
     def caches(self) -> list[Tensor]:
         """This model's cache, one [KV, C, D] tensor per layer and half (views of `kv_cache` unless split)."""
@@ -263,13 +267,14 @@ class StreamingLM(nn.Module):
         return [getattr(self, f"cache_{j}") for j in range(2 * self.cfg.num_layers)]
 
     def per_layer_cache(self) -> StreamingLM:
-        """A shallow copy (weights shared) whose cache is 2L buffers `cache_0`.. (keys, then values) rather than
-        one stacked buffer: for runtimes that copy every slice they take of a tensor (ExecuTorch copied the
-        whole cache a token taking its per-layer slices), each layer then reads its own buffer where it lies."""
+        """A shallow copy (weights shared) whose cache is 2L buffers `cache_0`.. (keys, then values), each of its
+        layer's own S + W slots, rather than one stacked buffer: for runtimes that copy every slice they take of a
+        tensor (ExecuTorch copied the whole cache a token taking its per-layer slices), each layer then reads its own
+        buffer where it lies."""
         split = copy.copy(self)
         split._buffers = {k: v for k, v in self._buffers.items() if k != "kv_cache"}
         for j, part in enumerate(self.cache_parts(self.kv_cache)):
-            split.register_buffer(f"cache_{j}", torch.zeros_like(part), persistent=False)
+            split.register_buffer(f"cache_{j}", torch.zeros(part.shape, dtype=part.dtype, device=part.device), persistent=False)
         return split
 
     def reset(self) -> None:

@@ -24,7 +24,7 @@ from runtimes.manifest import (
     special_tokens,
 )
 from runtimes.progress import say
-from runtimes.slots import layer_geometry, slot_of
+from runtimes.slots import cache_slots, layer_geometry, own_parts, slot_of, stack_parts
 
 # target: (runner module, the runtime it imports, the extra that installs that runtime)
 RUNNERS = {
@@ -100,25 +100,31 @@ class Runner:
         raise NotImplementedError
 
     def cache_state(self) -> np.ndarray:
-        """A copy of the cache, stacked [2, L, KV, C, D] in the runner's cache dtype (runtimes/session.py)."""
-        return self.cache.reshape(2, -1, *self.cache.shape[1:]).copy()
+        """A copy of the cache, stacked [2, L, KV, C, D] in the runner's cache dtype (runtimes/session.py), C the
+        widest layer's slots."""
+        return stack_parts(list(self.cache), cache_slots(self.manifest))
 
     def set_cache_state(self, cache: np.ndarray) -> None:
-        """Replace the cache's contents (same shape; cast to the runner's dtype), in place."""
-        self.cache[...] = cache.reshape(self.cache.shape)
+        """Replace the cache's contents from a stacked cache (cast to the runner's dtype), in place."""
+        for part, own in zip(self.cache, own_parts(cache, self.manifest), strict=True):
+            part[...] = own
 
-    def _cache_buffer(self) -> np.ndarray:
-        """One zeroed buffer [2L, KV, C, D] for a graph that reads its cache as 2L inputs (role "cache", keys
-        of each layer, then values): `buffer[j]` is input j, a view the runtime reads in place."""
+    def _cache_buffer(self) -> np.ndarray | list[np.ndarray]:
+        """Zeroed cache parts for a graph that reads its cache as 2L inputs (role "cache", keys of each layer, then
+        values), each of its layer's own slots: `buffer[j]` is input j, memory the runtime reads in place. One
+        buffer [2L, KV, C, D] where every layer has the same slots (its writes then one assignment), else a list."""
         caches = [i for i in self.manifest["inputs"] if i["role"] == "cache"]
         self.cache_inputs = [i["name"] for i in caches]
-        return np.zeros([len(caches), *caches[0]["shape"]], np.float32)
+        shapes = [i["shape"] for i in caches]
+        if all(shape == shapes[0] for shape in shapes):
+            return np.zeros([len(caches), *shapes[0]], np.float32)
+        return [np.zeros(shape, np.float32) for shape in shapes]
 
     def _write_entries(self, cache: np.ndarray, entries: np.ndarray, pos: int) -> None:
         """Write a chunk's cache entries [2, L, KV, T, D] (the `cache_update` output) into their slots of the
         buffer, in place. A slot repeated within the chunk (a chunk longer than the ring) keeps the later entry,
         as NumPy assigns repeated indices in order."""
-        entries = entries.reshape(cache.shape[0], *entries.shape[2:])
+        entries = entries.reshape(len(cache), *entries.shape[2:])
         geometry = layer_geometry(self.manifest)
         for s, w in set(geometry):  # layers sharing a geometry in one assignment
             slots = [slot_of(p, s, w) for p in range(pos, pos + entries.shape[2])]

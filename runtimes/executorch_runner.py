@@ -10,6 +10,7 @@ import torch
 from runtimes import Runner, threads
 from runtimes.errors import EdgekvError
 from runtimes.manifest import MANIFEST, REEXPORT
+from runtimes.slots import cache_slots, own_parts, stack_parts
 
 IDENTITY_METHOD = "edgekv_identity"  # a constant method returning the identity JSON (runtimes.manifest.IDENTITY)
 # Methods sharing the cache buffers with decode and prefill: the 2L buffers out, and 2L tensors copied in (sessions).
@@ -70,11 +71,11 @@ class ExecuTorchRunner(Runner):
 
     def cache_state(self) -> np.ndarray:
         parts = self._cache_method(READ_CACHE).execute([])
-        return np.stack([p.numpy() for p in parts]).reshape(2, -1, *parts[0].shape)
+        return stack_parts([p.numpy() for p in parts], cache_slots(self.manifest))
 
     def set_cache_state(self, cache: np.ndarray) -> None:
-        parts = np.ascontiguousarray(cache, np.float32).reshape(-1, *cache.shape[2:])
-        self._cache_method(WRITE_CACHE).execute([torch.from_numpy(p.copy()) for p in parts])
+        parts = own_parts(cache, self.manifest)
+        self._cache_method(WRITE_CACHE).execute([torch.from_numpy(np.array(p, np.float32)) for p in parts])
 
 
 def load(folder: Path, manifest: dict) -> Runner:

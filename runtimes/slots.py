@@ -6,6 +6,8 @@ graphs compute the same rule with tensors (exporter/cache.py); runners use this 
 
 from __future__ import annotations
 
+import numpy as np
+
 # The contract's defaults: 4 sinks (StreamingLM's choice) and a 1,020-slot ring, a 1,024-slot cache in all.
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 1020
 
@@ -27,5 +29,27 @@ def layer_geometry(manifest: dict) -> list[tuple[int, int]]:
 
 
 def cache_slots(manifest: dict) -> int:
-    """Slots per layer in the cache buffer: the widest layer's S + W (narrower layers leave the rest unused)."""
+    """Slots per layer in the stacked cache (sessions, Core ML's state): the widest layer's S + W (narrower layers
+    leave the rest unused)."""
     return max(s + w for s, w in layer_geometry(manifest))
+
+
+def part_slots(manifest: dict) -> list[int]:
+    """Slots of each of the 2L cache parts (keys of layers 0..L-1, then values): its layer's own S + W."""
+    own = [s + w for s, w in layer_geometry(manifest)]
+    return own + own
+
+
+def stack_parts(parts: list[np.ndarray], slots: int) -> np.ndarray:
+    """2L cache parts [KV, C_j, D] as the stacked cache [2, L, KV, slots, D]; a narrower part's extra slots are
+    zeros, never read."""
+    kv, d = parts[0].shape[0], parts[0].shape[2]
+    out = np.zeros((len(parts), kv, slots, d), parts[0].dtype)
+    for full, part in zip(out, parts, strict=True):
+        full[:, : part.shape[1]] = part
+    return out.reshape(2, -1, kv, slots, d)
+
+
+def own_parts(cache: np.ndarray, manifest: dict) -> list[np.ndarray]:
+    """The stacked cache [2, L, KV, C, D] as 2L views [KV, C_j, D], each its layer's own slots."""
+    return [full[:, :n] for full, n in zip(cache.reshape(-1, *cache.shape[2:]), part_slots(manifest), strict=True)]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.slots import part_slots
+
 # Ops that read only the rows their indices name from input 0, by the format's spelling.
 GATHERS = {
     "Gather",
@@ -155,11 +157,12 @@ def _executorch(path: Path, method: str = "decode") -> tuple[dict, dict]:
 
 
 def cache_bytes(manifest: dict) -> tuple[int, int]:
-    """(bytes of the whole cache, bytes of one slot in every layer) from the manifest's declared cache."""
-    entries = [t for t in manifest["inputs"] + manifest.get("state", []) if t["role"] == "cache"]
-    total = sum(math.prod(t["shape"]) * ITEMSIZE[t["dtype"]] for t in entries)
-    slots = entries[0]["shape"][-2]
-    return total, total // slots
+    """(bytes of the cache a step reads, bytes of one slot in every layer): each layer reads its own S + W slots,
+    also where Core ML's one state gives every layer the widest layer's slots."""
+    declared = next(t for t in manifest["inputs"] + manifest.get("state", []) if t["role"] == "cache")
+    arch = manifest["architecture"]
+    slot = arch["num_kv_heads"] * arch["head_dim"] * ITEMSIZE[declared["dtype"]]
+    return sum(part_slots(manifest)) * slot, len(part_slots(manifest)) * slot
 
 
 def step_bytes(folder: Path, manifest: dict) -> dict:

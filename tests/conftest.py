@@ -221,13 +221,13 @@ TINY_CHAT_TEMPLATE = (
 
 
 def export_tiny_chat(
-    tmp: Path, targets: tuple[str, ...], sink: int = 2, window: int = 6, chunk: int = 4
+    tmp: Path, targets: tuple[str, ...], sink: int = 2, window: int = 6, chunk: int = 4, family: str = "llama"
 ) -> dict[str, Path]:
-    """A tiny Llama with a chat template, exported in-process to each target (a few seconds each)."""
+    """A tiny Llama (or `family`) with a chat template, exported in-process to each target (a few seconds each)."""
     from exporter.export import export_one, manifest_base
     from exporter.loaders import build_model, load_checkpoint
 
-    hf = make_tiny("llama", tmp / "hf", seed=11)
+    hf = make_tiny(family, tmp / "hf", seed=11)
     (hf / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     ckpt = load_checkpoint(hf)
     model = build_model(ckpt, sink, window, max_chunk=chunk, last_logits_only=True)

@@ -70,9 +70,14 @@ def test_family_configs_are_read_as_transformers_defines_them(tmp_path):
 
 
 def test_gemma3_hybrid_cache_layout(tmp_path):
-    """Every layer has max(S + W, local window) slots; a local layer writes token p to slot p mod 7 whatever S is."""
+    """The stacked cache has max(S + W, local window) slots a layer; a layer reads only its own S + W of them (its
+    own buffer when split per layer); a local layer writes token p to slot p mod 7 whatever S is."""
     model = build_model(load_checkpoint(make_tiny("gemma3", tmp_path)), sink=2, window=3, max_chunk=16)
     assert model.kv_cache.shape[3] == 7 and model.geometry == {"global": (2, 3), "local": (0, 7)}
+    own = [7, 5, 7] * 2  # keys of layers 0-2 (local, global, local), then values
+    assert [c.shape[1] for c in model.caches()] == [c.shape[1] for c in model.per_layer_cache().caches()] == own
+    ctx = model.context(1, torch.tensor([0]))
+    assert (ctx["global"]["bias"].shape, ctx["local"]["bias"].shape) == ((1, 5 + 1), (1, 7 + 1))
     tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
     feed(model, tokens, 16)
     written = model.kv_cache[0].abs().sum(dim=(1, 3)) > 0  # [layer, slot]

@@ -19,7 +19,7 @@ from exporter.validate import FP16_REL_TOL, FP32_REL_TOL
 from runtimes import open_artifact
 from runtimes.errors import EdgekvError
 from runtimes.session import load_session, save_session
-from tests.conftest import TINY_CHAT_TEMPLATE, edgekv, make_tiny, one_line_error
+from tests.conftest import TINY_CHAT_TEMPLATE, edgekv, export_tiny_chat, make_tiny, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [(i * 37 + 11) % 128 for i in range(48)]  # 48 tokens through 2 + 6 slots: the ring wraps 5 times
@@ -63,6 +63,39 @@ def test_a_stream_resumed_in_a_fresh_process_is_bitwise_the_same(tiny_chat_expor
     rest = stream(folder, HALF, len(IDS), session=str(session))
     assert np.array_equal(np.concatenate([first, rest]), whole)
     record_property("measured", f"tiny {target} session: {session.stat().st_size} bytes")
+
+
+@pytest.fixture(scope="module")
+def hybrid_exports(tmp_path_factory):
+    """Tiny Gemma 3: global layers of 2 + 6 slots, local layers of 7, each its own buffer (Core ML: 8 each)."""
+    tmp = tmp_path_factory.mktemp("hybrid")
+
+    class Lazy(dict):  # ExecuTorch's export (half a minute) only in the tier that runs its case
+        def __missing__(self, target):
+            self[target] = export_tiny_chat(tmp / target, (target,), family="gemma3")[target]
+            return self[target]
+
+    return Lazy()
+
+
+@pytest.mark.parametrize("target", ["onnx", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
+def test_a_hybrid_session_resumes_across_layer_sizes(hybrid_exports, tmp_path, target):
+    """Saved from ONNX's per-layer buffers (8 and 7 slots) as the stacked cache of 8, resumed by each target."""
+    onnx = open_artifact(hybrid_exports["onnx"])
+    whole = np.stack([onnx.feed([t]) for t in IDS])
+    onnx.reset()
+    for t in IDS[:HALF]:  # a token a call, as `whole` was fed: the same arithmetic, so ONNX's resume is bitwise
+        onnx.feed([t])
+    session = tmp_path / "hybrid.safetensors"
+    save_session(onnx, session)
+    runner = open_artifact(hybrid_exports[target])
+    load_session(runner, session)
+    state = runner.cache_state()
+    assert state.shape[3] == 8 and not state[:, [0, 2], :, 7].any()  # local layers' 8th slot: never written
+    rest = np.stack([runner.feed([t]) for t in IDS[HALF:]])
+    bound = {"onnx": 0.0, "executorch": FP32_REL_TOL, "coreml": FP16_REL_TOL}[target]
+    assert np.abs(rest - whole[HALF:]).max() <= bound * np.abs(whole).max()
+    assert (rest.argmax(-1) == whole[HALF:].argmax(-1)).all()
 
 
 def test_sessions_move_between_targets_within_their_precision(tiny_chat_exports, tmp_path):

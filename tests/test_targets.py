@@ -18,6 +18,7 @@ from exporter.validate import FP16_REL_TOL, run_stream, schedule
 from runtimes import open_artifact
 from runtimes.coreml_runner import MILRunner
 from runtimes.manifest import SCHEMA, load_tokenizer, read_manifest
+from runtimes.slots import layer_geometry
 from runtimes.traffic import step_bytes
 from tests.conftest import make_tiny
 
@@ -93,8 +94,13 @@ def test_a_decode_step_reads_every_weight_once_and_one_embedding_row(exported):
         # Core ML gives every linear a zero fp16 bias: two bytes an output feature more.
         more = 4096 + (2 * sum(t.shape[0] for t in tensors.values() if t.ndim == 2) if target == "coreml" else 0)
         assert -less < b["weights"] - width * params < more, (target, b["weights"], width * params)
-        values = sum(np.prod(t["shape"]) for t in m["inputs"] + m.get("state", []) if t["role"] == "cache")
-        assert b["cache_read"] == width * values == b["cache_write"] * (SINK + WINDOW), target
+        # Each layer reads its own S + W slots (Gemma's local layers 7 of the 14), Core ML's one state included.
+        arch, own = m["architecture"], [s + w for s, w in layer_geometry(m)]
+        slot = width * arch["num_kv_heads"] * arch["head_dim"]
+        assert (b["cache_read"], b["cache_write"]) == (2 * sum(own) * slot, 2 * len(own) * slot), target
+        if target != "coreml":  # and its graph takes just those, a buffer each
+            shapes = [t["shape"] for t in m["inputs"] + m.get("state", []) if t["role"] == "cache"]
+            assert [s[1] for s in shapes] == own + own, target
 
 
 def test_coreml_export_reads_weights_in_fp16_and_computes_the_same(exported):

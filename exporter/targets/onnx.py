@@ -64,11 +64,12 @@ def write_onnx(model: StreamingLM, path: Path, chunk: int, identity: str) -> Non
 def pure_io(model: StreamingLM) -> dict:
     """Manifest tensors of the pure graph (ONNX, OpenVINO): the cache goes in, the chunk's entries come out."""
     cache = list(model.kv_cache.shape)
+    parts = zip(cache_names(model), model.caches(), strict=True)  # each layer's own S + W slots
     return {
         "inputs": [
             io_entry("tokens", "tokens", "int64", [1, "T"]),
             io_entry("position", "input_pos", "int64", [1]),
-            *(io_entry("cache", name, "float32", cache[2:]) for name in cache_names(model)),
+            *(io_entry("cache", name, "float32", list(part.shape)) for name, part in parts),
         ],
         "outputs": [
             io_entry("logits", "logits", "float32", [1, model.cfg.vocab_size]),
