@@ -274,7 +274,9 @@ class StreamingLM(nn.Module):
         split = copy.copy(self)
         split._buffers = {k: v for k, v in self._buffers.items() if k != "kv_cache"}
         for j, part in enumerate(self.cache_parts(self.kv_cache)):
-            split.register_buffer(f"cache_{j}", torch.zeros(part.shape, dtype=part.dtype, device=part.device), persistent=False)
+            split.register_buffer(
+                f"cache_{j}", torch.zeros(part.shape, dtype=part.dtype, device=part.device), persistent=False
+            )
         return split
 
     def reset(self) -> None:
