@@ -1,11 +1,11 @@
 """Bytes one decode step moves, read from the artifact's own graph: the floor a memory-bound decode cannot beat.
 
 A one-token decode step reads every weight of its function once, except a table it gathers rows from (the token
-embedding, rotary tables), of which it reads one row; it reads the whole fixed cache (attention reads every slot,
-masked or not), writes one slot per layer, and writes the logits. Weights are counted from the graph as stored
-(quantized bytes and their scales; for Core ML from the MIL program's constants, for ExecuTorch from the program's
-constant and delegate data), so a scheme or a converter that stores a weight twice shows up here. Activations
-(a few hidden-size vectors per layer) are left out: they stay in the CPU's caches.
+embedding, rotary tables), of which it reads one row; it reads every slot of each layer's own S + W (attention
+reads them all, masked or not), writes one slot per layer, and writes the logits. Weights are counted from the
+graph as stored (quantized bytes and their scales; for Core ML from the MIL program's constants, for ExecuTorch
+from the program's constant and delegate data), so a scheme or a converter that stores a weight twice shows up
+here. Activations (a few hidden-size vectors per layer) are left out: they stay in the CPU's caches.
 """
 
 from __future__ import annotations
@@ -157,12 +157,16 @@ def _executorch(path: Path, method: str = "decode") -> tuple[dict, dict]:
 
 
 def cache_bytes(manifest: dict) -> tuple[int, int]:
-    """(bytes of the cache a step reads, bytes of one slot in every layer): each layer reads its own S + W slots,
-    also where Core ML's one state gives every layer the widest layer's slots."""
-    declared = next(t for t in manifest["inputs"] + manifest.get("state", []) if t["role"] == "cache")
-    arch = manifest["architecture"]
-    slot = arch["num_kv_heads"] * arch["head_dim"] * ITEMSIZE[declared["dtype"]]
-    return sum(part_slots(manifest)) * slot, len(part_slots(manifest)) * slot
+    """(bytes of the cache a step reads, bytes of one slot in every layer): every slot of each layer's buffer, as
+    declared; of Core ML's one stacked state, each layer's own S + W slots (the slice its attention reads)."""
+    declared = [t for t in manifest["inputs"] + manifest.get("state", []) if t["role"] == "cache"]
+    itemsize = ITEMSIZE[declared[0]["dtype"]]
+    if len(declared) == 1:
+        arch, slots = manifest["architecture"], part_slots(manifest)
+        slot = arch["num_kv_heads"] * arch["head_dim"] * itemsize
+        return sum(slots) * slot, len(slots) * slot
+    total = sum(math.prod(t["shape"]) * itemsize for t in declared)
+    return total, sum(math.prod(t["shape"]) // t["shape"][-2] for t in declared) * itemsize
 
 
 def step_bytes(folder: Path, manifest: dict) -> dict:
