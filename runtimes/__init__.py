@@ -106,7 +106,7 @@ class Runner:
 
     def set_cache_state(self, cache: np.ndarray) -> None:
         """Replace the cache's contents from a stacked cache (cast to the runner's dtype), in place."""
-        for part, own in zip(self.cache, own_parts(cache, self.manifest), strict=True):
+        for part, own in zip(self.cache, own_parts(cache, [p.shape[1] for p in self.cache]), strict=True):
             part[...] = own
 
     def _cache_buffer(self) -> np.ndarray | list[np.ndarray]:

@@ -74,7 +74,7 @@ class ExecuTorchRunner(Runner):
         return stack_parts([p.numpy() for p in parts], cache_slots(self.manifest))
 
     def set_cache_state(self, cache: np.ndarray) -> None:
-        parts = own_parts(cache, self.manifest)
+        parts = own_parts(cache, [t["shape"][1] for t in self.manifest["state"] if t["role"] == "cache"])
         self._cache_method(WRITE_CACHE).execute([torch.from_numpy(np.array(p, np.float32)) for p in parts])
 
 

@@ -50,6 +50,7 @@ def stack_parts(parts: list[np.ndarray], slots: int) -> np.ndarray:
     return out.reshape(2, -1, kv, slots, d)
 
 
-def own_parts(cache: np.ndarray, manifest: dict) -> list[np.ndarray]:
-    """The stacked cache [2, L, KV, C, D] as 2L views [KV, C_j, D], each its layer's own slots."""
-    return [full[:, :n] for full, n in zip(cache.reshape(-1, *cache.shape[2:]), part_slots(manifest), strict=True)]
+def own_parts(cache: np.ndarray, widths: list[int]) -> list[np.ndarray]:
+    """The stacked cache [2, L, KV, C, D] as 2L views [KV, widths[j], D], the slots each part's buffer has (its
+    layer's own S + W; C for all in an export made before layers had their own)."""
+    return [full[:, :n] for full, n in zip(cache.reshape(-1, *cache.shape[2:]), widths, strict=True)]
