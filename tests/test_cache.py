@@ -1,10 +1,11 @@
 """The slot and visibility arithmetic, slot by slot, against a plain Python model of the rule."""
 
+import numpy as np
 import pytest
 import torch
 
 from exporter.cache import chunk_writes, slot_positions, visible
-from runtimes.slots import slot_of
+from runtimes.slots import own_parts, slot_of, stack_parts
 
 
 def simulate(n_tokens: int, sink: int, window: int) -> list[int]:
@@ -63,3 +64,15 @@ def test_chunk_writes_keep_newest_token_per_slot(sink, window, chunk):
                 assert after[j] == start + int(src[j])
             else:
                 assert after[j] == before[j]
+
+
+def test_stacked_cache_round_trips_through_parts_of_their_own_width():
+    """A hybrid model's 2L parts (global 8 slots, local 7) stack at 8 with zeros past a part's own slots, and come
+    back exactly; parts of an export where every layer had 8 (before own-size layers) take the 8 as they are."""
+    rng = np.random.default_rng(0)
+    widths = [7, 8, 7] * 2
+    parts = [rng.standard_normal((1, w, 4)).astype(np.float32) for w in widths]
+    stacked = stack_parts(parts, 8)
+    assert stacked.shape == (2, 3, 1, 8, 4) and not stacked[:, [0, 2], :, 7].any()
+    assert all(np.array_equal(a, b) for a, b in zip(own_parts(stacked, widths), parts, strict=True))
+    assert [p.shape[1] for p in own_parts(stacked, [8] * 6)] == [8] * 6
