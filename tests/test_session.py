@@ -70,7 +70,7 @@ def hybrid_exports(tmp_path_factory):
     """Tiny Gemma 3: global layers of 2 + 6 slots, local layers of 7, each its own buffer (Core ML: 8 each)."""
     tmp = tmp_path_factory.mktemp("hybrid")
 
-    class Lazy(dict):  # ExecuTorch's export (half a minute) only in the tier that runs its case
+    class Lazy(dict):  # each target exported on first use
         def __missing__(self, target):
             self[target] = export_tiny_chat(tmp / target, (target,), family="gemma3")[target]
             return self[target]
@@ -78,7 +78,9 @@ def hybrid_exports(tmp_path_factory):
     return Lazy()
 
 
-@pytest.mark.parametrize("target", ["onnx", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
+# Slow like the other hybrid-cache target tests (tests/test_targets.py): the default tier is near its 15 minutes.
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "coreml", "executorch"])
 def test_a_hybrid_session_resumes_across_layer_sizes(hybrid_exports, tmp_path, target):
     """Saved from ONNX's per-layer buffers (8 and 7 slots) as the stacked cache of 8, resumed by each target."""
     onnx = open_artifact(hybrid_exports["onnx"])
